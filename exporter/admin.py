@@ -1,0 +1,57 @@
+"""The admin listener: /metrics, /healthz, /readyz and /llmtap/v1/state.
+
+It runs on its own port so the proxy port never serves llmtap's own endpoints: a client of
+the model server cannot read metrics or state through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+from exporter.state import LiveState
+from exporter.upstream.monitor import UpstreamMonitor
+
+
+def create_admin_app(registry: CollectorRegistry, live: LiveState,
+                     monitor: UpstreamMonitor) -> web.Application:
+    started = time.time()
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # Rendering walks every series: do it off the event loop so live streams keep moving.
+        body = await asyncio.get_running_loop().run_in_executor(None, encoder, registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if monitor.up:
+            return web.json_response({"status": "ready", "upstream": monitor.url})
+        return web.json_response(
+            {"status": "not ready", "reason": "the upstream did not answer its health probe"},
+            status=503)
+
+    async def state(request: web.Request) -> web.Response:
+        snapshot: dict[str, Any] = {
+            "llmtap": {"version": __version__, "started": started},
+            "time": time.time(),
+            "upstream": monitor.state(),
+            "models": live.snapshot(),
+        }
+        return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/llmtap/v1/state", state)
+    return app

@@ -1,0 +1,346 @@
+"""The relay: forward each request to the upstream and stream its answer back, unchanged.
+
+Per chunk the hot loop does three things: write the bytes to the client, take a timestamp,
+feed the dialect observer. Bytes reach the client before any parsing, nothing is buffered
+whole (every write is awaited, so a slow client slows the upstream read instead of growing
+memory), and the observer can neither alter nor delay a chunk.
+
+Timeouts fit LLM serving: a connect timeout, a long first-byte timeout (cold loads take
+minutes), an idle timeout between chunks, no total limit. One timer per request enforces the
+last two (re-armed only when it fires), so the per-chunk cost is a float store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from time import perf_counter
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from exporter import record as rec
+from exporter.models import OTHER, ModelLabels
+from exporter.protocols import ResponseObserver, endpoint_for, parse_request_body
+from exporter.protocols.errors import error_body
+from exporter.record import RequestRecord
+from exporter.state import GaugeKey, LiveState
+from exporter.upstream.monitor import UpstreamMonitor
+
+log = structlog.get_logger("llmtap.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies still meet. Expect is
+# answered by llmtap's own server; forwarding it would make the upstream wait for a 100.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate", "expect",
+})
+# Headers aiohttp's client would add on its own; the upstream must see only the client's.
+NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+# Request bodies up to this size are read whole (they are JSON prompts): llmtap can then read
+# the model from them and re-send them if a pooled connection turns out to be dead. Larger
+# bodies stream through as they arrive.
+REPLAYABLE_BODY_LIMIT = 1 << 20
+
+Sink = Callable[[RequestRecord], None]
+Body = bytes | AsyncIterator[bytes] | None
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Fields the Connection header names are hop-by-hop too (RFC 9110 §7.6.1)."""
+    values = headers.getall("Connection", ())
+    return frozenset(token.strip().lower() for value in values for token in value.split(","))
+
+
+def forward_request_headers(request: web.Request) -> CIMultiDict[str]:
+    drop = _connection_named(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop or lower == "host" or lower.startswith(
+                "x-forwarded-"):
+            continue
+        out.add(name, value)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    return out
+
+
+def forward_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    drop = _connection_named(upstream.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop:
+            continue
+        out.add(name, value)
+    return out
+
+
+class Deadline:
+    """Cancels the request's task when the upstream is silent for too long.
+
+    `touched` is written per chunk (a float store); the timer only re-arms itself when it
+    fires early, so an active stream costs nothing here.
+    """
+
+    __slots__ = ("_handle", "_limit", "_loop", "_task", "expired", "touched")
+
+    def __init__(self, limit: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._limit = limit
+        self.expired = False
+        self.touched = perf_counter()
+        self._handle = self._loop.call_later(limit, self._check)
+
+    def rearm(self, limit: float, now: float) -> None:
+        self._limit = limit
+        self.touched = now
+        self._handle.cancel()
+        self._handle = self._loop.call_later(limit, self._check)
+
+    def _check(self) -> None:
+        left = self.touched + self._limit - perf_counter()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._check)
+            return
+        self.expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def disarm(self) -> None:
+        self._handle.cancel()
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, error_type: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.status = status
+
+
+async def _read_body(request: web.Request) -> tuple[Body, bool]:
+    """The request body: whole bytes when small (replayable), else a stream of it."""
+    if not request.body_exists:
+        return None, True
+    content = request.content
+    length = request.content_length
+    if length is not None and length > REPLAYABLE_BODY_LIMIT:
+        return content.iter_any().__aiter__(), False
+    buf = bytearray()
+    while len(buf) <= REPLAYABLE_BODY_LIMIT:
+        chunk = await content.readany()
+        if not chunk:
+            return bytes(buf), True
+        buf += chunk
+    return _stream_rest(bytes(buf), content), False
+
+
+async def _stream_rest(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield prefix
+    async for chunk in content.iter_any():
+        yield chunk
+
+
+class Relay:
+    def __init__(self, upstream_url: str, monitor: UpstreamMonitor, labels: ModelLabels,
+                 live: LiveState, sinks: list[Sink], *, connect_timeout: float = 5.0,
+                 first_byte_timeout: float = 600.0, idle_timeout: float = 300.0,
+                 on_retry: Callable[[], None] | None = None) -> None:
+        self._base = upstream_url.rstrip("/")
+        self._monitor = monitor
+        self._labels = labels
+        self._live = live
+        self._sinks = sinks
+        self._connect_timeout = connect_timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._on_retry = on_retry
+        self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
+        # No connection cap: queueing must happen at the upstream, where llmtap measures it.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        # Retries go out on a connection that is new by construction.
+        self._fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+
+    async def close(self) -> None:
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+
+    async def _send(self, request: web.Request, headers: CIMultiDict[str], body: Body,
+                    replayable: bool) -> aiohttp.ClientResponse:
+        assert self._session is not None and self._fresh_session is not None
+        url = URL(self._base + request.raw_path, encoded=True)
+        session = self._session
+        for attempt in (0, 1):
+            try:
+                return await session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False,
+                    skip_auto_headers=NO_AUTO_HEADERS)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise UpstreamFailure(rec.UPSTREAM_CONNECT, 502,
+                                      f"cannot connect to the upstream: {exc}") from None
+            except aiohttp.ClientConnectionError as exc:
+                # A pooled keep-alive connection the upstream had closed (llama-server closes
+                # them after each streamed answer): no response byte came back, so re-send
+                # once on a fresh connection.
+                if attempt or not replayable:
+                    raise UpstreamFailure(rec.UPSTREAM_RESET, 502,
+                                          f"the upstream closed the connection: {exc}") from None
+                session = self._fresh_session
+                if self._on_retry is not None:
+                    self._on_retry()
+        raise AssertionError("unreachable")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        arrival = perf_counter()
+        record = RequestRecord(request.method, request.path, arrival)
+        endpoint = endpoint_for(request.method, request.path)
+        key: GaugeKey | None = None
+        waiting = False
+        deadline: Deadline | None = None
+        upstream: aiohttp.ClientResponse | None = None
+        response: web.StreamResponse | None = None
+        try:
+            body, replayable = await _read_body(request)
+            started = perf_counter()
+            if endpoint is not None:
+                info = parse_request_body(endpoint, body if replayable else None)  # type: ignore[arg-type]
+                record.operation = endpoint.operation
+                record.request_model = info.model
+                record.provider = self._monitor.kind or endpoint.dialect
+                label = self._labels.for_request(info.model)
+                if label == OTHER and info.model:
+                    self._monitor.inventory_stale()
+                key = (record.provider, record.operation, label)
+                self._live.started(key)
+                waiting = True
+            headers = forward_request_headers(request)
+            record.dispatched = perf_counter()
+            record.overhead += record.dispatched - started
+
+            deadline = Deadline(self._first_byte_timeout)
+            upstream = await self._send(request, headers, body, replayable)
+            now = record.upstream_sent = perf_counter()
+            deadline.rearm(self._idle_timeout, now)
+            status = record.status = upstream.status
+            if status >= 400:
+                record.error_type = str(status)
+            response = web.StreamResponse(status=status, reason=upstream.reason,
+                                          headers=forward_response_headers(upstream))
+            await response.prepare(request)
+
+            observer = None
+            if endpoint is not None and 200 <= status < 300 and "Content-Encoding" not in \
+                    upstream.headers:
+                observer = ResponseObserver(endpoint, record,
+                                            upstream.headers.get("Content-Type", ""))
+            read = upstream.content.readany
+            write = response.write
+            while chunk := await read():
+                # Stamped before the write: the client cannot have the chunk any earlier, so
+                # llmtap's TTFT is never later than what the client measures.
+                now = perf_counter()
+                await write(chunk)
+                deadline.touched = now
+                if record.first_byte is None:
+                    record.first_byte = now
+                if observer is not None:
+                    parse_start = perf_counter()
+                    try:
+                        observer.feed(chunk, now)
+                    except Exception:  # the observer must never break the relay
+                        record.unparseable += 1
+                        observer = None
+                    if waiting and record.first_token is not None:
+                        self._live.first_token(key)  # type: ignore[arg-type]
+                        waiting = False
+                    record.overhead += perf_counter() - parse_start
+                elif waiting:
+                    # Not a token stream (an error answer, an embedding): the wait is over
+                    # once the answer starts arriving.
+                    self._live.first_token(key)  # type: ignore[arg-type]
+                    waiting = False
+            if observer is not None:
+                observer.close(now)
+            upstream.release()
+            await response.write_eof()
+            return response
+        except UpstreamFailure as failure:
+            record.error_type = failure.error_type
+            return await self._fail(request, record, failure.status, str(failure),
+                                    "upstream_unavailable")
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.expired:
+                record.error_type = rec.CANCELLED  # the client went away (or shutdown)
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            record.error_type = rec.TIMEOUT
+            if response is None:
+                return await self._fail(request, record, 504,
+                                        "the upstream did not answer in time", "timeout")
+            _abort(request)
+            return response
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            record.error_type = rec.CANCELLED  # writing to a client that disconnected
+            raise
+        except aiohttp.ClientError as exc:
+            # The upstream broke off mid-answer: end the client's stream without the
+            # final chunk, so its SDK reports a truncated answer instead of a complete one.
+            record.error_type = rec.UPSTREAM_RESET
+            log.warning("upstream broke off the answer", path=record.path, error=str(exc))
+            if response is None:
+                return await self._fail(request, record, 502, "the upstream failed",
+                                        "upstream_unavailable")
+            _abort(request)
+            return response
+        finally:
+            if deadline is not None:
+                deadline.disarm()
+            if upstream is not None and not upstream.closed and record.error_type:
+                upstream.close()  # never return a half-read connection to the pool
+            self._finish(record, key, waiting)
+
+    async def _fail(self, request: web.Request, record: RequestRecord, status: int,
+                    message: str, kind: str) -> web.Response:
+        record.status = status
+        return web.Response(status=status, body=error_body(record.path, status, message, kind),
+                            content_type="application/json")
+
+    def _finish(self, record: RequestRecord, key: GaugeKey | None, waiting: bool) -> None:
+        started = perf_counter()
+        record.end = record.end or started
+        if key is not None:
+            success = not record.error_type and 200 <= record.status < 300
+            record.model_label = self._labels.for_answer(
+                record.request_model, record.response_model, success)
+            self._live.finished(key, waiting, record)
+        record.overhead += perf_counter() - started
+        for sink in self._sinks:
+            try:
+                sink(record)
+            except Exception:  # telemetry must never break the request path
+                log.exception("telemetry sink failed", sink=getattr(sink, "__qualname__", ""))
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,116 @@
+"""RequestRecord: the one fact about one request, filled in as it passes through the relay.
+
+The relay creates it at arrival, the dialect observer fills in what the response says, and
+the telemetry sinks read it once when the request ends. Timestamps are `time.perf_counter()`
+seconds; durations are derived from them, never from the wall clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# error_type values (the catalogue's short codes); an HTTP status is its decimal string.
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"
+UPSTREAM_CONNECT = "upstream_connect"
+UPSTREAM_RESET = "upstream_reset"
+UPSTREAM_ERROR = "upstream_error"  # an error frame inside a 200 stream ({"error": ...})
+
+# gen_ai.operation.name values
+CHAT = "chat"
+TEXT_COMPLETION = "text_completion"
+EMBEDDINGS = "embeddings"
+
+
+class RequestRecord:
+    """Mutable, slot-based record: one per request, so no dict per instance."""
+
+    __slots__ = (
+        "arrival",
+        "dispatched",
+        "end",
+        "error_type",
+        "finish_reasons",
+        "first_byte",
+        "first_token",
+        "input_tokens",
+        "last_token",
+        "method",
+        "model_label",
+        "operation",
+        "output_tokens",
+        "overhead",
+        "path",
+        "provider",
+        "request_model",
+        "response_id",
+        "response_model",
+        "server_timings",
+        "status",
+        "stream",
+        "token_chunks",
+        "unparseable",
+        "upstream_sent",
+    )
+
+    def __init__(self, method: str, path: str, arrival: float) -> None:
+        self.method = method
+        self.path = path
+        self.arrival = arrival
+        self.dispatched: float | None = None  # llmtap's own pre-work done, upstream call starts
+        self.upstream_sent: float | None = None  # upstream accepted the request (headers back)
+        self.first_byte: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.end: float | None = None
+        self.provider = ""
+        self.operation = ""  # "" = a path llmtap relays without observing
+        self.request_model = ""
+        self.response_model = ""
+        self.model_label = ""
+        self.stream: bool | None = None
+        self.status = 0
+        self.error_type = ""
+        self.input_tokens: int | None = None  # as reported by the server
+        self.output_tokens: int | None = None  # as reported by the server
+        self.token_chunks = 0  # non-empty content frames seen (fallback count)
+        self.unparseable = 0  # frames the observer could not parse
+        self.finish_reasons: list[str] = []
+        self.response_id = ""
+        self.server_timings: dict[str, Any] = {}
+        self.overhead = 0.0  # seconds spent in llmtap's own code
+
+    @property
+    def observed(self) -> bool:
+        return bool(self.operation)
+
+    @property
+    def output_token_count(self) -> int | None:
+        """Server-reported output tokens; counted content frames only where it said nothing."""
+        if self.output_tokens is not None:
+            return self.output_tokens
+        if self.operation == EMBEDDINGS:
+            return None
+        return self.token_chunks if self.first_token is not None else None
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token is None:
+            return None
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """(last token - first token) / (output tokens - 1), streamed answers only."""
+        if not self.stream or self.first_token is None or self.last_token is None:
+            return None
+        n = self.output_token_count
+        if n is None or n < 2:
+            return None
+        return (self.last_token - self.first_token) / (n - 1)
+
+    @property
+    def duration(self) -> float | None:
+        if self.end is None:
+            return None
+        return self.end - self.arrival

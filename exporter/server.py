@@ -1,0 +1,111 @@
+"""Wires one sidecar together from Settings: relay, admin port, upstream monitor, sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from exporter.admin import create_admin_app
+from exporter.config import HostPort, Settings
+from exporter.models import ModelLabels
+from exporter.proxy import Relay
+from exporter.state import LiveState
+from exporter.telemetry.logs import AccessLog
+from exporter.telemetry.metrics import RequestMetrics
+from exporter.upstream.monitor import UpstreamCollector, UpstreamMonitor
+
+log = structlog.get_logger("llmtap")
+
+
+class StartupError(RuntimeError):
+    """llmtap cannot start (a port is taken, say); the message says why."""
+
+
+class Sidecar:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.live = LiveState()
+        self.labels = ModelLabels(settings.models, settings.max_models)
+        self.monitor = UpstreamMonitor(
+            settings.upstream, settings.upstream_kind, self.labels,
+            health_interval=settings.health_interval,
+            inventory_interval=settings.inventory_interval)
+        self.registry.register(UpstreamCollector(self.monitor))
+        self.metrics = RequestMetrics(self.registry, self.live)
+        sinks = [self.metrics.observe]
+        if settings.access_log:
+            sinks.append(AccessLog().observe)
+        self.relay = Relay(
+            settings.upstream, self.monitor, self.labels, self.live, sinks,
+            connect_timeout=settings.connect_timeout,
+            first_byte_timeout=settings.first_byte_timeout,
+            idle_timeout=settings.idle_timeout,
+            on_retry=self.metrics.retries.inc)
+        self._runners: list[web.AppRunner] = []
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.proxy_address: HostPort | None = None
+        self.admin_address: HostPort | None = None
+
+    async def start(self) -> None:
+        await self.relay.start()
+        proxy_app = web.Application()
+        proxy_app.router.add_route("*", "/{tail:.*}", self.relay.handle)
+        # handler_cancellation: a client that disconnects cancels its handler at once, also
+        # while llmtap waits for the upstream's first byte, which closes the upstream request.
+        proxy = web.AppRunner(proxy_app, handler_cancellation=True, access_log=None,
+                              shutdown_timeout=self.settings.shutdown_timeout)
+        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor),
+                              access_log=None)
+        self.proxy_address = await self._listen(proxy, self.settings.listen, "--listen")
+        self.admin_address = await self._listen(admin, self.settings.admin_listen,
+                                                "--admin-listen")
+        # First probe before serving traffic, so the first requests already get the right
+        # provider label and model inventory when the upstream is there.
+        await self.monitor.poll_once()
+        self._monitor_task = asyncio.create_task(self.monitor.run(), name="upstream-monitor")
+        log.info("llmtap serving", proxy=str(self.proxy_address),
+                 admin=str(self.admin_address), upstream=self.settings.upstream,
+                 kind=self.monitor.kind)
+
+    async def _listen(self, runner: web.AppRunner, address: HostPort, flag: str) -> HostPort:
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {address} ({flag}): {exc.strerror}") from None
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else address.port
+        return HostPort(address.host, port)
+
+    async def stop(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.relay.close()
+
+
+async def serve(settings: Settings) -> None:
+    """Run a sidecar until SIGTERM or SIGINT."""
+    sidecar = Sidecar(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+        await stop.wait()
+        log.info("llmtap stopping")
+    finally:
+        await sidecar.stop()

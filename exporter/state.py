@@ -1,0 +1,112 @@
+"""Live per-model state: what is in flight and waiting now, and EWMAs of recent requests.
+
+The relay moves the counters as a request passes arrival, first token and end (plain integer
+updates, no metric calls); the Prometheus collector and `/llmtap/v1/state` read them. The
+router (a later module) decides from this snapshot, so it must stay cheap to build and never
+contain request content.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporter.record import RequestRecord
+
+# Weight of the newest request in the moving averages: ~the last 10 requests dominate.
+EWMA_ALPHA = 0.2
+
+GaugeKey = tuple[str, str, str]  # (provider, operation, model label)
+
+
+def _ewma(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + EWMA_ALPHA * (value - previous)
+
+
+class ModelState:
+    __slots__ = (
+        "decode_tps",
+        "error_rate",
+        "errors",
+        "in_flight",
+        "requests",
+        "tpot",
+        "ttft",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.waiting = 0
+        self.requests = 0
+        self.errors = 0
+        self.ttft: float | None = None
+        self.tpot: float | None = None
+        self.decode_tps: float | None = None
+        self.error_rate = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "running": self.in_flight - self.waiting,
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 6),
+            "ewma": {
+                "ttft_seconds": self.ttft,
+                "tpot_seconds": self.tpot,
+                "decode_tokens_per_second": self.decode_tps,
+            },
+        }
+
+
+class LiveState:
+    def __init__(self) -> None:
+        # [in_flight, waiting] per label set; entries are kept at 0 so gauges read 0, not absent.
+        self.gauges: dict[GaugeKey, list[int]] = {}
+        self.models: dict[str, ModelState] = {}
+
+    def _model(self, label: str) -> ModelState:
+        state = self.models.get(label)
+        if state is None:
+            state = self.models[label] = ModelState()
+        return state
+
+    def started(self, key: GaugeKey) -> None:
+        counts = self.gauges.get(key)
+        if counts is None:
+            counts = self.gauges[key] = [0, 0]
+        counts[0] += 1
+        counts[1] += 1
+        model = self._model(key[2])
+        model.in_flight += 1
+        model.waiting += 1
+
+    def first_token(self, key: GaugeKey) -> None:
+        self.gauges[key][1] -= 1
+        self.models[key[2]].waiting -= 1
+
+    def finished(self, key: GaugeKey, still_waiting: bool, record: RequestRecord) -> None:
+        counts = self.gauges[key]
+        counts[0] -= 1
+        model = self.models[key[2]]
+        model.in_flight -= 1
+        if still_waiting:
+            counts[1] -= 1
+            model.waiting -= 1
+        # Averages go to the label the answer settled on (it can differ from the arrival one).
+        settled = self._model(record.model_label or key[2])
+        settled.requests += 1
+        failed = bool(record.error_type)
+        settled.errors += failed
+        settled.error_rate = _ewma(settled.error_rate, float(failed))
+        if failed:
+            return
+        if (ttft := record.ttft) is not None:
+            settled.ttft = _ewma(settled.ttft, ttft)
+        if (tpot := record.tpot) is not None and tpot > 0:
+            settled.tpot = _ewma(settled.tpot, tpot)
+            settled.decode_tps = _ewma(settled.decode_tps, 1.0 / tpot)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {label: state.as_dict() for label, state in sorted(self.models.items())}

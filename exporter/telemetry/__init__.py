@@ -1,0 +1,1 @@
+"""Sinks fed by finished RequestRecords: metrics (Prometheus), logs (structlog)."""

@@ -1,0 +1,138 @@
+"""Prometheus sink: request histograms and counters, fed once per finished RequestRecord.
+
+Names follow the OpenTelemetry GenAI semantic conventions as they translate to Prometheus, so
+the same series appear whether an operator scrapes llmtap or pushes through a Collector.
+In-flight and waiting gauges are not updated per request: a custom collector reads the live
+state when scraped (client_python's pattern for values that already live elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.record import RequestRecord
+from exporter.state import LiveState
+
+BASE_LABELS = ("gen_ai_provider_name", "gen_ai_operation_name", "gen_ai_request_model")
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5,
+                5, 7.5, 10, 20, 40, 80, 160, 640)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                0.5, 0.75, 1, 2.5)
+DURATION_BUCKETS = tuple(round(0.01 * 2**i, 2) for i in range(17))  # 0.01 … 655.36
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1 … 67108864
+OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                    0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class LiveGaugeCollector(Collector):
+    """llmtap_requests_in_flight / _waiting, read from the live state at scrape time."""
+
+    def __init__(self, live: LiveState) -> None:
+        self._live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily(
+            "llmtap_requests_in_flight", "Requests relayed to the upstream and not yet ended",
+            labels=BASE_LABELS)
+        waiting = GaugeMetricFamily(
+            "llmtap_requests_waiting",
+            "Requests in flight that have not received a first token: the queue as clients "
+            "feel it", labels=BASE_LABELS)
+        for key, (flying, queued) in list(self._live.gauges.items()):
+            in_flight.add_metric(key, flying)
+            waiting.add_metric(key, queued)
+        yield in_flight
+        yield waiting
+
+
+class _Series:
+    """The histogram children of one label set, resolved once and reused."""
+
+    __slots__ = ("duration", "input_tokens", "output_tokens", "overhead", "tpot", "ttft")
+
+    def __init__(self, metrics: RequestMetrics, labels: tuple[str, str, str]) -> None:
+        self.ttft = metrics.ttft.labels(*labels)
+        self.tpot = metrics.tpot.labels(*labels)
+        self.input_tokens = metrics.tokens.labels(*labels, "input")
+        self.output_tokens = metrics.tokens.labels(*labels, "output")
+        self.overhead = metrics.overhead.labels(*labels)
+        self.duration: dict[str, Histogram] = {}
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry, live: LiveState) -> None:
+        # `_created` samples would double the series count and no dashboard reads them.
+        disable_created_metrics()
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from the request's arrival at llmtap to the first non-empty token relayed "
+            "(non-streamed answers: to the answer relayed)",
+            BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "(last token - first token) / (output tokens - 1), streamed answers",
+            BASE_LABELS, buckets=TPOT_BUCKETS, registry=registry)
+        self.duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Time from the request's arrival to the end of its answer; error_type is empty on "
+            "success", (*BASE_LABELS, "error_type"), buckets=DURATION_BUCKETS,
+            registry=registry)
+        self.tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request as the server reported them (output counted from content "
+            "frames only where it reported nothing)",
+            (*BASE_LABELS, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=registry)
+        self.overhead = Histogram(
+            "llmtap_sidecar_overhead_seconds",
+            "Time spent in llmtap's own code per request (request handling, frame parsing, "
+            "telemetry)", BASE_LABELS, buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.passthrough = Counter(
+            "llmtap_passthrough_requests",
+            "Requests on paths llmtap relays without observing (model lists, UI, ...)",
+            registry=registry)
+        self.unparseable = Counter(
+            "llmtap_unparseable_frames",
+            "Response frames relayed unchanged that llmtap could not parse",
+            registry=registry)
+        self.retries = Counter(
+            "llmtap_upstream_retries",
+            "Requests re-sent on a fresh connection because a pooled keep-alive connection "
+            "had been closed by the upstream before any response byte", registry=registry)
+        build = Gauge("llmtap_build_info", "llmtap's version", ("version",), registry=registry)
+        build.labels(__version__).set(1)
+        registry.register(LiveGaugeCollector(live))
+        self._series: dict[tuple[str, str, str], _Series] = {}
+
+    def observe(self, record: RequestRecord) -> None:
+        if record.unparseable:
+            self.unparseable.inc(record.unparseable)
+        if not record.operation:
+            self.passthrough.inc()
+            return
+        labels = (record.provider, record.operation, record.model_label)
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(self, labels)
+        duration = series.duration.get(record.error_type)
+        if duration is None:
+            duration = series.duration[record.error_type] = self.duration.labels(
+                *labels, record.error_type)
+        if record.duration is not None:
+            duration.observe(record.duration)
+        series.overhead.observe(record.overhead)
+        if record.error_type:
+            return  # latency and usage of failed requests would skew the distributions
+        if (ttft := record.ttft) is not None:
+            series.ttft.observe(ttft)
+        if (tpot := record.tpot) is not None:
+            series.tpot.observe(tpot)
+        if record.input_tokens is not None:
+            series.input_tokens.observe(record.input_tokens)
+        if (output := record.output_token_count) is not None:
+            series.output_tokens.observe(output)

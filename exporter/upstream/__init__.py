@@ -1,0 +1,1 @@
+"""What llmtap learns from the upstream server itself, off the request path."""

