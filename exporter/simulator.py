@@ -796,8 +796,10 @@ class _OpenAIChatFramer(_OpenAIFramer):
         self._tail = b'},"finish_reason":null}]}\n\n'
 
     def opening(self) -> bytes:
-        # An empty-content delta carrying the role, sent when work starts (before the first
-        # token), so clients see TTFB < TTFT as with llama.cpp and OpenAI.
+        # An empty-content delta carrying the role, sent when work starts. OpenAI's API opens
+        # streams like this; Ollama 0.12.6 does not, but the frame is one Ollama can emit (it
+        # sends empty-content chunks), and it makes the first event precede the first token
+        # so that TTFT measured as "first non-empty delta" is exercised.
         p = self.plan
         ts = _SEED_EPOCH_NS + p.load_jitter_ns if p.seeded else time.time_ns()
         return self._head + str(ts // _NS).encode() + self._mid + b'""' + self._tail

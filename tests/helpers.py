@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,17 +55,21 @@ class Process:
         fd, name = tempfile.mkstemp(prefix="llmtap-test-", suffix=".log")
         self.log = Path(name)
         self._log_file = os.fdopen(fd, "wb")
+        # Own process group: llama-cpp-server is a wrapper that does not pass SIGTERM on to
+        # the llama-server it starts, so stop() signals the whole group.
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, cwd=ROOT)
+                                     env={**os.environ, **(env or {})}, cwd=ROOT,
+                                     start_new_session=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self._log_file.close()
 
     def lines(self) -> list[str]:

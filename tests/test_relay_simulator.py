@@ -42,9 +42,12 @@ async def post(base: str, path: str, body: dict[str, Any]) -> tuple[int, str, by
         return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
 
 
-@pytest.mark.parametrize(("path", "body"), BODIES,
-                         ids=[f"{p}-{'stream' if b.get('stream', p.startswith('/api/c')) else 'whole'}"
-                              for p, b in BODIES])
+def _case_id(path: str, body: dict[str, Any]) -> str:
+    streamed = body.get("stream", path in ("/api/chat", "/api/generate"))
+    return f"{path}-{'stream' if streamed else 'whole'}"
+
+
+@pytest.mark.parametrize(("path", "body"), BODIES, ids=[_case_id(p, b) for p, b in BODIES])
 async def test_relay_is_byte_identical(sim: Simulator, sim_tap: Llmtap, path: str,
                                        body: dict[str, Any]) -> None:
     direct = await post(sim.url, path, body)

@@ -14,7 +14,10 @@ from yarl import URL
 
 from tests.helpers import Llmtap, running
 
-Handler = Callable[[str, str, dict[str, str], bytes, int], bytes | None]
+# A handler answers with the whole response, None (drop the connection unanswered), or
+# (bytes, "hang" | "close"): send a first part, then go silent or drop the connection.
+Reply = bytes | tuple[bytes, str] | None
+Handler = Callable[[str, str, dict[str, str], bytes, int], Reply]
 
 
 class RawUpstream:
@@ -58,10 +61,17 @@ class RawUpstream:
                 elif headers.get("transfer-encoding") == "chunked":
                     body = await _read_chunked(reader)
                 self.requests.append((method, path, headers, body))
-                response = self.handler(method, path, headers, body, served)
-                if response is None:
+                reply = self.handler(method, path, headers, body, served)
+                if reply is None:
                     break
-                writer.write(response)
+                if isinstance(reply, tuple):
+                    part, then = reply
+                    writer.write(part)
+                    await writer.drain()
+                    if then == "hang":
+                        await reader.read()  # silent until the peer goes away
+                    break
+                writer.write(reply)
                 await writer.drain()
                 served += 1
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -86,8 +96,8 @@ def response(body: bytes, content_type: str = "application/json",
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
-async def get_raw(url: str | URL, method: str = "GET", **kwargs: object) -> tuple[int, dict[str, str],
-                                                                          bytes]:
+async def get_raw(url: str | URL, method: str = "GET",
+                  **kwargs: object) -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession(auto_decompress=False) as session, \
             session.request(method, url, **kwargs) as resp:  # type: ignore[arg-type]
         return resp.status, dict(resp.headers), await resp.read()
@@ -209,3 +219,67 @@ async def test_dead_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
             m = tap.metrics()
             assert m.value("llmtap_upstream_retries_total") >= 1
             assert m.value("gen_ai_server_request_duration_seconds_count", error_type="") == 6
+
+
+CHUNKED_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+FIRST_EVENT = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
+FIRST_CHUNK = f"{len(FIRST_EVENT):x}\r\n".encode() + FIRST_EVENT + b"\r\n"
+
+
+def failing_upstream(method: str, path: str, headers: dict[str, str], body: bytes,
+                     served: int) -> Reply:
+    behaviour = headers.get("x-behaviour", "hang-before-headers")
+    if behaviour == "hang-before-headers":
+        return (b"", "hang")
+    if behaviour == "hang-mid-stream":
+        return (CHUNKED_HEAD + FIRST_CHUNK, "hang")
+    return (CHUNKED_HEAD + FIRST_CHUNK, "close")  # dies mid-stream
+
+
+async def test_first_byte_timeout_answers_504_in_dialect() -> None:
+    async with RawUpstream(failing_upstream) as upstream:
+        with running(Llmtap(upstream.url, "--upstream-kind", "ollama",
+                            "--first-byte-timeout", "0.3", ready=False)) as tap:
+            status, _, body = await get_raw(tap.url + "/api/chat", "POST",
+                                            json={"model": "m", "messages": []})
+            assert status == 504
+            assert "did not answer in time" in orjson.loads(body)["error"]  # Ollama's shape
+            status, _, body = await get_raw(tap.url + "/v1/chat/completions", "POST",
+                                            json={"model": "m", "messages": []})
+            assert status == 504 and orjson.loads(body)["error"]["type"] == "timeout"
+            m = tap.metrics()
+            assert m.value("gen_ai_server_request_duration_seconds_count",
+                           error_type="timeout") == 2
+            assert (m.value("llmtap_requests_in_flight"), m.value("llmtap_requests_waiting")) \
+                == (0, 0)
+
+
+@pytest.mark.parametrize(("behaviour", "error_type", "flags"), [
+    ("hang-mid-stream", "timeout", ("--idle-timeout", "0.3")),
+    ("dies-mid-stream", "upstream_reset", ()),
+])
+async def test_broken_stream_ends_the_clients_stream_and_is_counted(
+        behaviour: str, error_type: str, flags: tuple[str, ...]) -> None:
+    async with RawUpstream(failing_upstream) as upstream:
+        with running(Llmtap(upstream.url, "--upstream-kind", "openai", *flags,
+                            ready=False)) as tap:
+            received = b""
+            async with aiohttp.ClientSession() as session, \
+                    session.post(tap.url + "/v1/chat/completions",
+                                 json={"model": "m", "stream": True},
+                                 headers={"X-Behaviour": behaviour}) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for chunk in resp.content.iter_any():
+                        received += chunk
+            assert received == FIRST_EVENT  # what did arrive was relayed, then a clean cut
+            for _ in range(50):
+                m = tap.metrics()
+                if m.value("gen_ai_server_request_duration_seconds_count"):
+                    break
+                await asyncio.sleep(0.02)
+            assert m.value("gen_ai_server_request_duration_seconds_count",
+                           error_type=error_type) == 1
+            assert m.value("gen_ai_server_request_duration_seconds_count") == 1
+            assert m.value("llmtap_requests_in_flight") == 0
