@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
-from exporter.state import LiveState
+from exporter.gpu import GpuSampler
+from exporter.state import LiveState, ModelState
 from exporter.upstream.monitor import UpstreamMonitor
 
 
 def create_admin_app(registry: CollectorRegistry, live: LiveState,
-                     monitor: UpstreamMonitor) -> web.Application:
+                     monitor: UpstreamMonitor, gpu: GpuSampler) -> web.Application:
     started = time.time()
 
     async def metrics(request: web.Request) -> web.Response:
@@ -45,7 +46,8 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
             "llmtap": {"version": __version__, "started": started},
             "time": time.time(),
             "upstream": monitor.state(),
-            "models": live.snapshot(),
+            "models": _models(live, monitor),
+            "gpus": gpu.state(),
         }
         return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
@@ -55,3 +57,19 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/llmtap/v1/state", state)
     return app
+
+
+def _models(live: LiveState, monitor: UpstreamMonitor) -> dict[str, Any]:
+    """Per model: live request figures, and what the upstream says (installed, loaded, VRAM)."""
+    snapshot = live.snapshot()
+    view = monitor.view
+    installed = view.models or {}
+    loaded = view.loaded
+    for name in installed:
+        snapshot.setdefault(name, ModelState().as_dict())
+    for name, entry in snapshot.items():
+        entry["installed"] = name in installed if view.models is not None else None
+        resident = loaded.get(name) if loaded is not None else None
+        entry["loaded"] = None if loaded is None else resident is not None
+        entry["vram_bytes"] = resident.vram_bytes if resident is not None else None
+    return dict(sorted(snapshot.items()))

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "127.0.0.1:11434, Ollama's port)")
     _add_simulator_arguments(simulate)
 
+    from exporter.gpu import add_gpu_command
+
+    add_gpu_command(commands)
+
     demo = commands.add_parser(
         "demo", help="simulator + llmtap + a little traffic: see real numbers in one command",
         description="Starts the synthetic server, puts llmtap in front of it, sends a little "
@@ -151,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llmtap simulator serving {', '.join(config.models)} on "
                   f"http://{args.listen}", file=sys.stderr)
             _run(run_simulator(config, args.listen.host, args.listen.port))
+        elif args.command == "gpu":
+            from exporter.gpu import run_gpu_command
+
+            return run_gpu_command(args)
         elif args.command == "demo":
             from exporter.demo import run_demo
 

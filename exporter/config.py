@@ -145,6 +145,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_interval", parse_seconds, 5.0,
            "seconds between upstream health probes (they drive /readyz and llmtap_upstream_up)",
            "SECONDS"),
+    Option("pin", parse_list, (),
+           "pin a model to a digest, MODEL=DIGEST (sha256, 12+ hex digits; repeat the flag "
+           "or separate with commas); llmtap_model_digest_mismatch says when the installed "
+           "model differs (Ollama)", "MODEL=DIGEST", repeatable=True),
+    Option("pin_file", str, "",
+           "file of pins, one MODEL=DIGEST per line (# comments)", "FILE"),
+    Option("enforce_pins", parse_bool, False,
+           "refuse requests for a pinned model whose installed digest differs, with an error "
+           "in the client's dialect, instead of serving a different build", "true|false"),
+    Option("gpu", choice(("off", "auto", "on")), "auto",
+           "GPU metrics through NVML: auto samples when the NVIDIA driver loads, on also "
+           "logs an error when it cannot, off never loads NVML", "off|auto|on"),
+    Option("gpu_interval", parse_seconds, 2.0,
+           "seconds between GPU samples", "SECONDS"),
     Option("access_log", parse_bool, True,
            "write one JSON access-log line per request to stdout", "true|false"),
     Option("log_format", choice(LOG_FORMATS), "json",
@@ -171,6 +185,11 @@ class Settings:
     max_models: int = 100
     inventory_interval: float = 30.0
     health_interval: float = 5.0
+    pin: tuple[str, ...] = ()
+    pin_file: str = ""
+    enforce_pins: bool = False
+    gpu: str = "auto"
+    gpu_interval: float = 2.0
     access_log: bool = True
     log_format: str = "json"
     log_level: str = "info"
@@ -250,4 +269,18 @@ def resolve(args: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Se
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    settings_pins(settings)  # malformed pins are configuration errors, reported now
+    return settings
+
+
+def settings_pins(settings: Settings) -> dict[str, str]:
+    """The pins from --pin and --pin-file (the flag wins for a model in both)."""
+    from exporter.upstream import pins
+
+    try:
+        found = pins.load_pin_file(settings.pin_file) if settings.pin_file else {}
+        found.update(pins.parse_pins(settings.pin))
+    except ValueError as exc:
+        raise ConfigError(f"--pin/--pin-file: {exc}") from None
+    return found

@@ -73,7 +73,7 @@ def _summary(sidecar: Sidecar) -> str:
 
 
 async def run_demo(listen: HostPort, admin: HostPort, count: int, exit_after: bool) -> int:
-    configure("warning", "console")
+    configure("error", "console")
     simulator = web.AppRunner(create_app(SimulatorConfig(models=MODELS, ttft=0.08,
                                                          tokens_per_second=60,
                                                          output_tokens=24, cold_load=0.4)),
@@ -84,7 +84,7 @@ async def run_demo(listen: HostPort, admin: HostPort, count: int, exit_after: bo
     sim_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     upstream = f"http://127.0.0.1:{sim_port}"
     sidecar = Sidecar(Settings(upstream=upstream, listen=listen, admin_listen=admin,
-                               access_log=False, log_format="console", log_level="warning"))
+                               access_log=False, log_format="console", log_level="error"))
     try:
         await sidecar.start()
         proxy = f"http://{listen.host}:{sidecar.proxy_address.port}"  # type: ignore[union-attr]

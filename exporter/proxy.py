@@ -230,6 +230,11 @@ class Relay:
                 key = (record.provider, record.operation, label)
                 self._live.started(key)
                 waiting = True
+                if (refusal := self._monitor.refuses(label)) is not None:
+                    record.error_type = "409"
+                    return await self._fail(request, record, 409, refusal, "model_pin_mismatch")
+                if label != OTHER:
+                    record.model_was_loaded = self._monitor.view.model_was_loaded(label)
             headers = forward_request_headers(request)
             record.dispatched = perf_counter()
             record.overhead += record.dispatched - started
@@ -331,6 +336,7 @@ class Relay:
             success = not record.error_type and 200 <= record.status < 300
             record.model_label = self._labels.for_answer(
                 record.request_model, record.response_model, success)
+            self._monitor.view.note_finished(key[2], record.model_was_loaded, success)
             self._live.finished(key, waiting, record)
         record.overhead += perf_counter() - started
         for sink in self._sinks:

@@ -37,6 +37,7 @@ class RequestRecord:
         "last_token",
         "method",
         "model_label",
+        "model_was_loaded",
         "operation",
         "output_tokens",
         "overhead",
@@ -68,6 +69,7 @@ class RequestRecord:
         self.request_model = ""
         self.response_model = ""
         self.model_label = ""
+        self.model_was_loaded: bool | None = None  # at arrival; None when the server won't say
         self.stream: bool | None = None
         self.status = 0
         self.error_type = ""
@@ -108,6 +110,31 @@ class RequestRecord:
         if n is None or n < 2:
             return None
         return (self.last_token - self.first_token) / (n - 1)
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Time before the server began work, where the server's timings let us derive it.
+
+        Ollama's load_duration covers the wait in its scheduler queue plus any model load:
+        when the model was already resident, it is the queue wait. llama.cpp reports its
+        prompt time: TTFT minus it is the wait for a slot (streamed answers only).
+        """
+        timings = self.server_timings
+        load = timings.get("load_duration")
+        if load is not None:
+            return load if self.model_was_loaded else None
+        prompt_ms = timings.get("prompt_ms")
+        ttft = self.ttft
+        if prompt_ms is not None and ttft is not None and self.stream:
+            return max(0.0, ttft - prompt_ms / 1000)
+        return None
+
+    @property
+    def cold_load(self) -> float | None:
+        """The load time of a request that found its model not loaded (Ollama)."""
+        if self.model_was_loaded is False:
+            return self.server_timings.get("load_duration")
+        return None
 
     @property
     def duration(self) -> float | None:

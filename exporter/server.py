@@ -11,13 +11,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from exporter.admin import create_admin_app
-from exporter.config import HostPort, Settings
+from exporter.config import HostPort, Settings, settings_pins
+from exporter.gpu import GpuCollector, GpuSampler
 from exporter.models import ModelLabels
 from exporter.proxy import Relay
 from exporter.state import LiveState
 from exporter.telemetry.logs import AccessLog
 from exporter.telemetry.metrics import RequestMetrics
-from exporter.upstream.monitor import UpstreamCollector, UpstreamMonitor
+from exporter.upstream.collector import UpstreamCollector
+from exporter.upstream.monitor import UpstreamMonitor
 
 log = structlog.get_logger("llmtap")
 
@@ -35,8 +37,11 @@ class Sidecar:
         self.monitor = UpstreamMonitor(
             settings.upstream, settings.upstream_kind, self.labels,
             health_interval=settings.health_interval,
-            inventory_interval=settings.inventory_interval)
+            inventory_interval=settings.inventory_interval,
+            pinned=settings_pins(settings), enforce_pins=settings.enforce_pins)
         self.registry.register(UpstreamCollector(self.monitor))
+        self.gpu = GpuSampler(interval=settings.gpu_interval, mode=settings.gpu)
+        self.registry.register(GpuCollector(self.gpu))
         self.metrics = RequestMetrics(self.registry, self.live)
         sinks = [self.metrics.observe]
         if settings.access_log:
@@ -48,7 +53,7 @@ class Sidecar:
             idle_timeout=settings.idle_timeout,
             on_retry=self.metrics.retries.inc)
         self._runners: list[web.AppRunner] = []
-        self._monitor_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.proxy_address: HostPort | None = None
         self.admin_address: HostPort | None = None
 
@@ -60,7 +65,7 @@ class Sidecar:
         # while llmtap waits for the upstream's first byte, which closes the upstream request.
         proxy = web.AppRunner(proxy_app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=self.settings.shutdown_timeout)
-        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor),
+        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor, self.gpu),
                               access_log=None)
         self.proxy_address = await self._listen(proxy, self.settings.listen, "--listen")
         self.admin_address = await self._listen(admin, self.settings.admin_listen,
@@ -68,7 +73,9 @@ class Sidecar:
         # First probe before serving traffic, so the first requests already get the right
         # provider label and model inventory when the upstream is there.
         await self.monitor.poll_once()
-        self._monitor_task = asyncio.create_task(self.monitor.run(), name="upstream-monitor")
+        # Pollers and the GPU sampler run beside the relay, each failing on its own.
+        self._tasks = [asyncio.create_task(self.monitor.run(), name="upstream-monitor"),
+                       asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
         log.info("llmtap serving", proxy=str(self.proxy_address),
                  admin=str(self.admin_address), upstream=self.settings.upstream,
                  kind=self.monitor.kind)
@@ -87,10 +94,11 @@ class Sidecar:
         return HostPort(address.host, port)
 
     async def stop(self) -> None:
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor_task
+                await task
         for runner in self._runners:
             await runner.cleanup()
         await self.relay.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import math
 import random
@@ -1590,6 +1591,31 @@ async def _ollama_ps(request: web.Request) -> web.Response:
     return _gin({"models": models})
 
 
+async def _ollama_pull(request: web.Request) -> web.StreamResponse:
+    """`ollama pull` of a model the simulator serves: a new build arrives, with a new digest.
+
+    The real endpoint downloads layers and streams progress; here the progress is the
+    documented start and end lines, and the effect is what operators pin against: the
+    installed digest changes.
+    """
+    try:
+        body = await request.json()
+    except ValueError:
+        return _gin({"error": "invalid request body"}, 400)
+    model = _sim(request).sched.lookup(body.get("model") or body.get("name"))
+    if model is None:
+        return _gin({"error": "pull model manifest: file does not exist"}, 500)
+    fresh = hashlib.sha256((model.info.digest + ":pulled").encode()).hexdigest()
+    model.info = dataclasses.replace(model.info, digest=fresh,
+                                     modified_ns=model.info.modified_ns + 3600 * _NS)
+    lines = [{"status": "pulling manifest"}, {"status": "verifying sha256 digest"},
+             {"status": "writing manifest"}, {"status": "success"}]
+    if body.get("stream") is False:
+        return _gin(lines[-1])
+    return web.Response(body=b"".join(_go_json(line) + b"\n" for line in lines),
+                        content_type="application/x-ndjson")
+
+
 async def _openai_chat(request: web.Request) -> web.StreamResponse:
     return await _openai_infer(request, chat=True)
 
@@ -1766,6 +1792,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     r.add_get("/api/version", _ollama_version)
     r.add_get("/api/tags", _ollama_tags)
     r.add_get("/api/ps", _ollama_ps)
+    r.add_post("/api/pull", _ollama_pull)
     r.add_post("/v1/chat/completions", _openai_chat)
     r.add_post("/v1/completions", _openai_completions)
     r.add_post("/v1/embeddings", _openai_embeddings)

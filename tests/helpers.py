@@ -112,6 +112,26 @@ class Llmtap(Process):
                           "--admin-listen", f"127.0.0.1:{self.admin_port}", *args], env=env)
         wait_http(self.admin + ("/readyz" if ready else "/healthz"), 30, self.proc, self.log)
 
+    async def ready(self, within: float = 30.0) -> None:
+        """Wait for /readyz without blocking the event loop (for upstreams the test serves
+        on its own loop: a blocking wait would starve them)."""
+        import asyncio
+
+        import aiohttp
+
+        deadline = time.monotonic() + within
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(self.admin + "/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.admin}/readyz not ready in {within}s:\n"
+                           + self.log.read_text(errors="replace")[-3000:])
+
     def metrics(self) -> Metrics:
         with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as resp:
             return Metrics(resp.read().decode())

@@ -54,7 +54,8 @@ class LiveGaugeCollector(Collector):
 class _Series:
     """The histogram children of one label set, resolved once and reused."""
 
-    __slots__ = ("duration", "input_tokens", "output_tokens", "overhead", "tpot", "ttft")
+    __slots__ = ("duration", "input_tokens", "load", "output_tokens", "overhead", "queue_wait",
+                 "tpot", "ttft")
 
     def __init__(self, metrics: RequestMetrics, labels: tuple[str, str, str]) -> None:
         self.ttft = metrics.ttft.labels(*labels)
@@ -62,6 +63,8 @@ class _Series:
         self.input_tokens = metrics.tokens.labels(*labels, "input")
         self.output_tokens = metrics.tokens.labels(*labels, "output")
         self.overhead = metrics.overhead.labels(*labels)
+        self.queue_wait = metrics.queue_wait.labels(*labels)
+        self.load = metrics.load.labels(*labels)
         self.duration: dict[str, Histogram] = {}
 
 
@@ -92,6 +95,15 @@ class RequestMetrics:
             "llmtap_sidecar_overhead_seconds",
             "Time spent in llmtap's own code per request (request handling, frame parsing, "
             "telemetry)", BASE_LABELS, buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "llmtap_queue_wait_seconds",
+            "Time before the server began work on the request, where its timings tell "
+            "(Ollama: load_duration with the model resident; llama.cpp: TTFT - prompt time)",
+            BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
+        self.load = Histogram(
+            "llmtap_model_load_duration_seconds",
+            "Cold loads: the server's load time for requests that found their model not "
+            "loaded", BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
         self.passthrough = Counter(
             "llmtap_passthrough_requests",
             "Requests on paths llmtap relays without observing (model lists, UI, ...)",
@@ -136,3 +148,7 @@ class RequestMetrics:
             series.input_tokens.observe(record.input_tokens)
         if (output := record.output_token_count) is not None:
             series.output_tokens.observe(output)
+        if (wait := record.queue_wait) is not None:
+            series.queue_wait.observe(wait)
+        if (load := record.cold_load) is not None:
+            series.load.observe(load)

@@ -1,0 +1,51 @@
+"""GETs against the upstream for the pollers: short timeouts, None instead of exceptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+POLL_TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
+
+
+class Fetcher:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # Its own session: a hanging upstream holds only poll connections, never the
+            # relay's pool.
+            self._session = aiohttp.ClientSession(timeout=POLL_TIMEOUT)
+        return self._session
+
+    async def get(self, path: str) -> tuple[int, bytes] | None:
+        try:
+            async with self._client().get(self.base_url + path, allow_redirects=False) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def json(self, path: str) -> Any:
+        """The parsed body of a 200 JSON answer, else None."""
+        answer = await self.get(path)
+        if answer is None or answer[0] != 200:
+            return None
+        try:
+            return orjson.loads(answer[1])
+        except orjson.JSONDecodeError:
+            return None
+
+    async def text(self, path: str) -> str | None:
+        answer = await self.get(path)
+        if answer is None or answer[0] != 200:
+            return None
+        return answer[1].decode("utf-8", "replace")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

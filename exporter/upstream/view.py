@@ -1,0 +1,97 @@
+"""What the pollers last learned about the upstream: its models, what is loaded, its queue.
+
+Pollers replace these fields wholesale on each successful poll (never mutate in place), so
+the scrape collector, the state endpoint and the relay can read them at any moment without
+locks and always see one consistent poll.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    digest: str = ""
+    family: str = ""
+    parameter_size: str = ""
+    quantization: str = ""
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    name: str
+    vram_bytes: int | None = None
+    size_bytes: int | None = None
+    expires_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerQueue:
+    """The server's own view of its work (llama.cpp /metrics and /slots, vLLM /metrics)."""
+
+    processing: float | None = None
+    deferred: float | None = None
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    kv_cache_usage_ratio: float | None = None
+    counters: dict[str, float] = field(default_factory=dict)  # llmtap name → value
+
+
+@dataclass
+class UpstreamView:
+    models: dict[str, ModelInfo] | None = None  # None: the inventory could not be read yet
+    loaded: dict[str, LoadedModel] | None = None  # None: this upstream does not say
+    queue: ServerQueue | None = None
+    loads: dict[str, int] = field(default_factory=dict)  # load transitions seen per model
+    unloads: dict[str, int] = field(default_factory=dict)
+    # Models a request found unloaded and is loading now; set by the relay, cleared by polls.
+    loading: set[str] = field(default_factory=set)
+
+    def model_was_loaded(self, name: str) -> bool | None:
+        """At a request's arrival: was its model resident? None when the server won't say."""
+        loaded = self.loaded
+        if loaded is None:
+            return None
+        if name in loaded or name in self.loading:
+            return True  # a request behind a load in progress waits in the queue, not a load
+        self.loading.add(name)
+        return False
+
+    def note_finished(self, name: str, was_loaded: bool | None, success: bool) -> None:
+        """A request that found its model unloaded failed: the load may not have happened,
+        so the next request must not assume it. (A successful one stays in `loading` until
+        a poll lists the model, so requests meanwhile are not miscounted as cold loads.)"""
+        if was_loaded is False and not success:
+            self.loading.discard(name)
+
+    def set_loaded(self, loaded: dict[str, LoadedModel]) -> tuple[list[str], list[str]]:
+        """Replace the loaded set from a poll; returns (loaded now, unloaded) transitions."""
+        before = self.loaded
+        self.loaded = loaded
+        self.loading -= loaded.keys()
+        if before is None:
+            return [], []
+        came = [name for name in loaded if name not in before]
+        went = [name for name in before if name not in loaded]
+        for name in came:
+            self.loads[name] = self.loads.get(name, 0) + 1
+        for name in went:
+            self.unloads[name] = self.unloads.get(name, 0) + 1
+        return came, went
+
+    def as_dict(self) -> dict[str, Any]:
+        queue = self.queue
+        return {
+            "models": sorted(self.models) if self.models is not None else None,
+            "loaded": None if self.loaded is None else {
+                name: {"vram_bytes": m.vram_bytes, "expires_at": m.expires_at or None}
+                for name, m in sorted(self.loaded.items())},
+            "queue": None if queue is None else {
+                "processing": queue.processing, "deferred": queue.deferred,
+                "slots_total": queue.slots_total, "slots_busy": queue.slots_busy,
+                "kv_cache_usage_ratio": queue.kv_cache_usage_ratio},
+        }
