@@ -13,13 +13,16 @@ last two (re-armed only when it fires), so the per-chunk cost is a float store.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from time import perf_counter
+from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry.trace import Span
 from yarl import URL
 
 from exporter import record as rec
@@ -28,6 +31,7 @@ from exporter.protocols import ResponseObserver, endpoint_for, parse_request_bod
 from exporter.protocols.errors import error_body
 from exporter.record import RequestRecord
 from exporter.state import GaugeKey, LiveState
+from exporter.telemetry.tracing import Tracing
 from exporter.upstream.monitor import UpstreamMonitor
 
 log = structlog.get_logger("llmtap.proxy")
@@ -153,8 +157,13 @@ class Relay:
     def __init__(self, upstream_url: str, monitor: UpstreamMonitor, labels: ModelLabels,
                  live: LiveState, sinks: list[Sink], *, connect_timeout: float = 5.0,
                  first_byte_timeout: float = 600.0, idle_timeout: float = 300.0,
-                 on_retry: Callable[[], None] | None = None) -> None:
+                 on_retry: Callable[[], None] | None = None,
+                 tracing: Tracing | None = None) -> None:
         self._base = upstream_url.rstrip("/")
+        self._tracing = tracing
+        parts = URL(self._base)
+        self._upstream_host = parts.host or ""
+        self._upstream_port = parts.port or 0
         self._monitor = monitor
         self._labels = labels
         self._live = live
@@ -212,6 +221,8 @@ class Relay:
         record = RequestRecord(request.method, request.path, arrival)
         endpoint = endpoint_for(request.method, request.path)
         key: GaugeKey | None = None
+        span: Span | None = None
+        log_context: dict[str, Any] = {}
         waiting = False
         deadline: Deadline | None = None
         upstream: aiohttp.ClientResponse | None = None
@@ -219,8 +230,10 @@ class Relay:
         try:
             body, replayable = await _read_body(request)
             started = perf_counter()
+            label = OTHER
             if endpoint is not None:
                 info = parse_request_body(endpoint, body if replayable else None)  # type: ignore[arg-type]
+                record.request_info = info
                 record.operation = endpoint.operation
                 record.request_model = info.model
                 record.provider = self._monitor.kind or endpoint.dialect
@@ -230,12 +243,20 @@ class Relay:
                 key = (record.provider, record.operation, label)
                 self._live.started(key)
                 waiting = True
+            if self._tracing is not None:
+                span = self._start_span(record, request)
+                if record.trace_id:  # every log line of this request carries its trace
+                    log_context = structlog.contextvars.bind_contextvars(
+                        trace_id=record.trace_id, span_id=record.span_id)
+            if key is not None:
                 if (refusal := self._monitor.refuses(label)) is not None:
                     record.error_type = "409"
                     return await self._fail(request, record, 409, refusal, "model_pin_mismatch")
                 if label != OTHER:
                     record.model_was_loaded = self._monitor.view.model_was_loaded(label)
             headers = forward_request_headers(request)
+            if span is not None:
+                Tracing.inject(span, headers)
             record.dispatched = perf_counter()
             record.overhead += record.dispatched - started
 
@@ -321,7 +342,9 @@ class Relay:
                 deadline.disarm()
             if upstream is not None and not upstream.closed and record.error_type:
                 upstream.close()  # never return a half-read connection to the pool
-            self._finish(record, key, waiting)
+            self._finish(record, key, waiting, span)
+            if record.trace_id:
+                structlog.contextvars.reset_contextvars(**log_context)
 
     async def _fail(self, request: web.Request, record: RequestRecord, status: int,
                     message: str, kind: str) -> web.Response:
@@ -329,7 +352,15 @@ class Relay:
         return web.Response(status=status, body=error_body(record.path, status, message, kind),
                             content_type="application/json")
 
-    def _finish(self, record: RequestRecord, key: GaugeKey | None, waiting: bool) -> None:
+    def _start_span(self, record: RequestRecord, request: web.Request) -> Span:
+        assert self._tracing is not None
+        # Spans take wall-clock times; the record keeps perf_counter ones.
+        arrival_ns = time.time_ns() - int((perf_counter() - record.arrival) * 1e9)
+        return self._tracing.start(record, request.headers, self._upstream_host,
+                                   self._upstream_port, arrival_ns)
+
+    def _finish(self, record: RequestRecord, key: GaugeKey | None, waiting: bool,
+                span: Span | None = None) -> None:
         started = perf_counter()
         record.end = record.end or started
         if key is not None:
@@ -338,6 +369,8 @@ class Relay:
                 record.request_model, record.response_model, success)
             self._monitor.view.note_finished(key[2], record.model_was_loaded, success)
             self._live.finished(key, waiting, record)
+        if span is not None:
+            Tracing.finish(span, record, time.time_ns() - int((perf_counter() - record.end) * 1e9))
         record.overhead += perf_counter() - started
         for sink in self._sinks:
             try:

@@ -7,7 +7,10 @@ seconds; durations are derived from them, never from the wall clock.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exporter.protocols.base import RequestInfo
 
 # error_type values (the catalogue's short codes); an HTTP status is its decimal string.
 CANCELLED = "cancelled"
@@ -43,13 +46,16 @@ class RequestRecord:
         "overhead",
         "path",
         "provider",
+        "request_info",
         "request_model",
         "response_id",
         "response_model",
         "server_timings",
+        "span_id",
         "status",
         "stream",
         "token_chunks",
+        "trace_id",
         "unparseable",
         "upstream_sent",
     )
@@ -81,6 +87,9 @@ class RequestRecord:
         self.response_id = ""
         self.server_timings: dict[str, Any] = {}
         self.overhead = 0.0  # seconds spent in llmtap's own code
+        self.request_info: RequestInfo | None = None  # what the request body asked for
+        self.trace_id = ""  # hex, set when the request's span is sampled
+        self.span_id = ""
 
     @property
     def observed(self) -> bool:

@@ -18,6 +18,7 @@ from exporter.proxy import Relay
 from exporter.state import LiveState
 from exporter.telemetry.logs import AccessLog
 from exporter.telemetry.metrics import RequestMetrics
+from exporter.telemetry.tracing import Tracing, tracing_configured
 from exporter.upstream.collector import UpstreamCollector
 from exporter.upstream.monitor import UpstreamMonitor
 
@@ -46,12 +47,17 @@ class Sidecar:
         sinks = [self.metrics.observe]
         if settings.access_log:
             sinks.append(AccessLog().observe)
+        # OTEL_* variables configure tracing; with no endpoint there is no tracer at all.
+        try:
+            self.tracing = Tracing(self.registry) if tracing_configured() else None
+        except ValueError as exc:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL, say
+            raise StartupError(str(exc)) from None
         self.relay = Relay(
             settings.upstream, self.monitor, self.labels, self.live, sinks,
             connect_timeout=settings.connect_timeout,
             first_byte_timeout=settings.first_byte_timeout,
             idle_timeout=settings.idle_timeout,
-            on_retry=self.metrics.retries.inc)
+            on_retry=self.metrics.retries.inc, tracing=self.tracing)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.proxy_address: HostPort | None = None
@@ -102,6 +108,8 @@ class Sidecar:
         for runner in self._runners:
             await runner.cleanup()
         await self.relay.close()
+        if self.tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
 
 async def serve(settings: Settings) -> None:

@@ -135,13 +135,16 @@ class RequestMetrics:
         if duration is None:
             duration = series.duration[record.error_type] = self.duration.labels(
                 *labels, record.error_type)
+        # The sampled span's ids ride along: OpenMetrics scrapes show them as exemplars.
+        exemplar = {"trace_id": record.trace_id, "span_id": record.span_id} \
+            if record.trace_id else None
         if record.duration is not None:
-            duration.observe(record.duration)
+            duration.observe(record.duration, exemplar)
         series.overhead.observe(record.overhead)
         if record.error_type:
             return  # latency and usage of failed requests would skew the distributions
         if (ttft := record.ttft) is not None:
-            series.ttft.observe(ttft)
+            series.ttft.observe(ttft, exemplar)
         if (tpot := record.tpot) is not None:
             series.tpot.observe(tpot)
         if record.input_tokens is not None:

@@ -1,0 +1,254 @@
+"""OTLP traces: one span per request, per the OpenTelemetry GenAI semantic conventions.
+
+Configured only by the standard OTEL_* variables (endpoint, protocol http/protobuf or grpc,
+headers, timeout, service name, resource attributes, sampler — parent-based by default). No
+endpoint means no tracer at all: the relay checks one attribute and moves on.
+
+Spans leave through the SDK's BatchSpanProcessor: ended spans go into a bounded queue and a
+worker thread exports them, so a slow or dead collector costs the request path nothing but
+an append. Spans that cannot be delivered (queue full, export failed) are counted in
+`llmtap_spans_dropped_total` and logged at most once a minute. Prompt and completion text are
+never put on spans.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter
+
+from exporter import __version__
+from exporter.record import RequestRecord
+
+log = structlog.get_logger("llmtap.tracing")
+
+SHUTDOWN_SECONDS = 1.5  # with the rest of shutdown, llmtap stops within 2 s of SIGTERM
+DROP_LOG_INTERVAL = 60.0
+PROPAGATOR = TraceContextTextMapPropagator()
+TRACE_HEADERS = ("traceparent", "tracestate")
+# Server-reported phases, as span attributes (seconds or the server's own unit).
+PHASE_ATTRIBUTES = {
+    "load_duration": "llmtap.upstream.load_duration",
+    "prompt_eval_duration": "llmtap.upstream.prompt_eval_duration",
+    "eval_duration": "llmtap.upstream.eval_duration",
+    "total_duration": "llmtap.upstream.total_duration",
+    "prompt_ms": "llmtap.upstream.prompt_ms",
+    "predicted_ms": "llmtap.upstream.predicted_ms",
+    "prompt_n": "llmtap.upstream.prompt_n",
+    "predicted_n": "llmtap.upstream.predicted_n",
+}
+
+
+def tracing_configured(env: Mapping[str, str] = os.environ) -> bool:
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def _protocol(env: Mapping[str, str]) -> str:
+    return (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").lower()
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    protocol = _protocol(env)
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+        return HTTPSpanExporter()
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: llmtap supports "
+                     "http/protobuf and grpc")
+
+
+def _resource(env: Mapping[str, str]) -> Resource:
+    defaults: dict[str, Any] = {"service.version": __version__}
+    named = "OTEL_SERVICE_NAME" in env or "service.name=" in env.get(
+        "OTEL_RESOURCE_ATTRIBUTES", "")
+    if not named:
+        defaults["service.name"] = "llmtap"
+    # Resource.create merges in OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME; the service
+    # name is ours only when the operator named none.
+    return Resource.create(defaults)
+
+
+class DropCounter:
+    """Counts spans that never reach the collector; logs at most once a minute."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._lock = threading.Lock()
+        self._unlogged = 0
+        self._logged_at = -DROP_LOG_INTERVAL
+
+    def add(self, count: int, reason: str) -> None:
+        if count <= 0:
+            return
+        self._counter.inc(count)
+        with self._lock:
+            self._unlogged += count
+            now = time.monotonic()
+            if now - self._logged_at < DROP_LOG_INTERVAL:
+                return
+            dropped, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning("spans dropped", count=dropped, reason=reason,
+                    note="the collector is slow or unreachable; logged at most once a minute")
+
+
+class CountingExporter(SpanExporter):
+    """The OTLP exporter, counting the spans of every batch it failed to deliver."""
+
+    def __init__(self, inner: SpanExporter, drops: DropCounter) -> None:
+        self._inner = inner
+        self._drops = drops
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception:  # an exporter bug must not kill the export thread
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._drops.add(len(spans), "export failed")
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class CountingBatchProcessor(BatchSpanProcessor):
+    """BatchSpanProcessor that counts the spans its full queue pushes out.
+
+    The SDK drops the oldest span silently when its queue is full; the queue length is read
+    through the processor's internals, and if a future SDK moves them, only the queue-full
+    part of the count is lost (failed exports are still counted by CountingExporter).
+    """
+
+    def __init__(self, exporter: SpanExporter, drops: DropCounter) -> None:
+        super().__init__(exporter)
+        self._drops = drops
+        inner = getattr(self, "_batch_processor", None)
+        self._queue = getattr(inner, "_queue", None)
+        self._max_queue = getattr(inner, "_max_queue_size", None)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = self._queue
+        if queue is not None and self._max_queue is not None and len(queue) >= self._max_queue:
+            self._drops.add(1, "queue full")
+        super().on_end(span)
+
+
+class Tracing:
+    def __init__(self, registry: CollectorRegistry,
+                 env: Mapping[str, str] = os.environ,
+                 exporter: SpanExporter | None = None) -> None:
+        self.dropped = Counter("llmtap_spans_dropped",
+                               "Spans that could not be delivered to the OTLP collector "
+                               "(export queue full or export failed)", registry=registry)
+        drops = DropCounter(self.dropped)
+        self.provider = TracerProvider(resource=_resource(env), shutdown_on_exit=False)
+        self.provider.add_span_processor(
+            CountingBatchProcessor(CountingExporter(exporter or _otlp_exporter(env), drops),
+                                   drops))
+        self.tracer = self.provider.get_tracer("llmtap", __version__)
+
+    def start(self, record: RequestRecord, headers: Mapping[str, str], upstream_host: str,
+              upstream_port: int, arrival_ns: int) -> trace.Span:
+        parent: Context = PROPAGATOR.extract(headers)
+        name = record.operation or record.method
+        if record.operation and record.request_model:
+            name = f"{record.operation} {record.request_model}"
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT,
+                                      start_time=arrival_ns)
+        if span.is_recording():
+            span.set_attributes({"server.address": upstream_host, "server.port": upstream_port,
+                                 "http.request.method": record.method,
+                                 "url.path": record.path})
+        context = span.get_span_context()
+        if context.trace_flags.sampled:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return span
+
+    @staticmethod
+    def inject(span: trace.Span, headers: Any) -> None:
+        """The upstream request carries llmtap's span as its parent."""
+        for name in TRACE_HEADERS:
+            headers.popall(name, None)
+        PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+
+    @staticmethod
+    def finish(span: trace.Span, record: RequestRecord, end_ns: int) -> None:
+        if span.is_recording():
+            span.set_attributes(span_attributes(record))
+            if record.error_type:
+                span.set_status(Status(StatusCode.ERROR, record.error_type))
+        span.end(end_time=end_ns)
+
+    def shutdown(self) -> None:
+        """Flush what is queued, giving up after SHUTDOWN_SECONDS (a dead collector must not
+        hold a stopping sidecar)."""
+        done = threading.Thread(target=self.provider.shutdown, daemon=True,
+                                name="otel-shutdown")
+        done.start()
+        done.join(SHUTDOWN_SECONDS)
+
+
+def span_attributes(record: RequestRecord) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"http.response.status_code": record.status}
+    if record.operation:
+        attributes["gen_ai.operation.name"] = record.operation
+        attributes["gen_ai.provider.name"] = record.provider
+        if record.request_model:
+            attributes["gen_ai.request.model"] = record.request_model
+        if record.stream is not None:
+            attributes["gen_ai.request.stream"] = record.stream
+        info = record.request_info
+        if info is not None:
+            if info.max_tokens is not None:
+                attributes["gen_ai.request.max_tokens"] = info.max_tokens
+            if info.temperature is not None:
+                attributes["gen_ai.request.temperature"] = info.temperature
+        if record.response_model:
+            attributes["gen_ai.response.model"] = record.response_model
+        if record.response_id:
+            attributes["gen_ai.response.id"] = record.response_id
+        if record.finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = record.finish_reasons[:16]
+        if record.input_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = record.input_tokens
+        if (output := record.output_token_count) is not None:
+            attributes["gen_ai.usage.output_tokens"] = output
+        if (ttft := record.ttft) is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = ttft
+        if (wait := record.queue_wait) is not None:
+            attributes["llmtap.queue_wait"] = wait
+        if (load := record.cold_load) is not None:
+            attributes["llmtap.cold_load"] = load
+        for key, value in record.server_timings.items():
+            name = PHASE_ATTRIBUTES.get(key)
+            if name is not None:
+                attributes[name] = value
+    if record.error_type:
+        attributes["error.type"] = record.error_type
+    return attributes
