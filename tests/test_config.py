@@ -80,3 +80,25 @@ def test_help_documents_every_flag_and_its_env_var() -> None:
     text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     for option in OPTIONS:
         assert option.flag in text and option.env in text
+
+
+def test_pins_from_flags_and_file(tmp_path: Path) -> None:
+    from exporter.config import settings_pins
+
+    pins = tmp_path / "pins.txt"
+    pins.write_text("# production pins\nllama3.2=sha256:A80C4F17ACD55265\n\n"
+                    "qwen3:8b = 500a1f067a9f782620 # comment\n")
+    s = settings_from(["--upstream", "http://h:1", "--pin-file", str(pins),
+                       "--pin", "qwen3:8b=111122223333"])
+    assert settings_pins(s) == {"llama3.2:latest": "a80c4f17acd55265",
+                                "qwen3:8b": "111122223333"}  # the flag wins
+
+
+@pytest.mark.parametrize(("pin", "message"), [
+    ("llama3", "expected MODEL=DIGEST"),
+    ("llama3=abc", "at least 12 hex digits"),
+    ("llama3=zzzzzzzzzzzzzzzz", "at least 12 hex digits"),
+])
+def test_bad_pins_are_configuration_errors(pin: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from(["--upstream", "http://h:1", "--pin", pin])

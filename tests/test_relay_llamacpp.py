@@ -171,3 +171,29 @@ async def test_simulator_frames_match_llama_server_shape(llama_tap: Llmtap,
             extras = {"timings"} if path.startswith("/v1") else {"generation_settings", "prompt"}
             assert real_events[-1] - extras <= sim_events[-1], (
                 path, real_events[-1] - sim_events[-1])
+
+
+async def test_relayed_llama_server_frames_match_direct_ones(llama_server: LlamaServer,
+                                                             llama_tap: Llmtap) -> None:
+    """Real token streams differ in content run to run; through llmtap they keep the exact
+    framing: same content type, same events, same fields in the same order."""
+    cases = [
+        ("/completion", {"prompt": "Hi", "n_predict": 5, "stream": True, "seed": 1,
+                         "temperature": 0}),
+        ("/v1/chat/completions", {"model": "x", "messages": CHAT, "max_tokens": 5,
+                                  "stream": True, "seed": 1, "temperature": 0}),
+        ("/v1/chat/completions", {"model": "x", "messages": CHAT, "max_tokens": 5,
+                                  "seed": 1, "temperature": 0}),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for path, body in cases:
+            shapes = []
+            for base in (llama_server.url, llama_tap.url):
+                async with session.post(base + path, json=body) as resp:
+                    raw = await resp.read()
+                    ctype = resp.headers["Content-Type"]
+                events = [e for e in raw.split(b"\n\n") if e.strip()]
+                keys = [list(orjson.loads(e.removeprefix(b"data: "))) if e != b"data: [DONE]"
+                        else ["[DONE]"] for e in events]
+                shapes.append((ctype, keys))
+            assert shapes[0] == shapes[1], path

@@ -162,9 +162,23 @@ async def test_real_llama_server_spans(llama_server: LlamaServer) -> None:
                 model="x", messages=CHAT, max_tokens=6, stream=True,
                 stream_options={"include_usage": True})
             chunks = [chunk async for chunk in stream]
-            spans = await receiver.wait_for(2)
-            assert len(spans) == 2
-            for span, usage in zip(spans, (whole.usage, chunks[-1].usage), strict=True):
+            # an upstream error (llama-server rejects the body) and a client that goes away
+            status, _ = await post(tap.url + "/v1/chat/completions",
+                                   {"model": "x", "messages": "not a list"})
+            assert status == 400
+            async with aiohttp.ClientSession() as session, \
+                    session.post(tap.url + "/completion",
+                                 json={"prompt": "Count:", "n_predict": 400,
+                                       "stream": True}) as resp:
+                await resp.content.readany()
+            spans = await receiver.wait_for(4)
+            assert len(spans) == 4
+            error, cancelled = spans[2], spans[3]
+            assert (error["status_code"], error["attributes"]["error.type"]) == (STATUS_ERROR,
+                                                                                 "400")
+            assert cancelled["name"] == "text_completion"  # /completion names no model
+            assert cancelled["attributes"]["error.type"] == "cancelled"
+            for span, usage in zip(spans[:2], (whole.usage, chunks[-1].usage), strict=True):
                 attributes = span["attributes"]
                 assert usage is not None
                 assert attributes["gen_ai.provider.name"] == "llama.cpp"

@@ -23,6 +23,27 @@ class RequestInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def request_info(body: dict[str, Any], stream_default: bool) -> RequestInfo:
+    """Model and stream flag, read the same way in every dialect (each says its default)."""
+    info = RequestInfo()
+    model = body.get("model")
+    if isinstance(model, str):
+        info.model = model
+    stream = body.get("stream", stream_default)
+    info.stream = stream if isinstance(stream, bool) else None
+    return info
+
+
+def answer_object(record: RequestRecord, obj: Any) -> dict[str, Any] | None:
+    """The JSON object of a response frame, with its model and id noted; None (counted as
+    unparseable) when the frame is valid JSON but not an object."""
+    if type(obj) is not dict:
+        record.unparseable += 1
+        return None
+    note_model_and_id(record, obj)
+    return obj
+
+
 def number(value: Any) -> float | None:
     """A JSON number that is not a bool, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -11,11 +11,12 @@ from typing import Any
 
 from exporter.protocols.base import (
     RequestInfo,
+    answer_object,
     count,
     note_llamacpp_timings,
-    note_model_and_id,
     note_token,
     number,
+    request_info,
 )
 from exporter.record import UPSTREAM_ERROR, RequestRecord
 
@@ -23,12 +24,7 @@ PROVIDER = "llama.cpp"
 
 
 def parse_request(body: dict[str, Any]) -> RequestInfo:
-    info = RequestInfo()
-    model = body.get("model")
-    if isinstance(model, str):
-        info.model = model
-    stream = body.get("stream", False)
-    info.stream = stream if isinstance(stream, bool) else None
+    info = request_info(body, stream_default=False)
     n_predict = count(body.get("n_predict"))
     info.max_tokens = n_predict if n_predict else None
     info.temperature = number(body.get("temperature"))
@@ -36,10 +32,8 @@ def parse_request(body: dict[str, Any]) -> RequestInfo:
 
 
 def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if type(obj) is not dict:
-        record.unparseable += 1
+    if answer_object(record, obj) is None:
         return
-    note_model_and_id(record, obj)
     if obj.get("content"):
         note_token(record, now)
     if obj.get("stop") is True:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.protocols.base import RequestInfo, count, note_model_and_id, note_token, number
+from exporter.protocols.base import (
+    RequestInfo,
+    answer_object,
+    count,
+    note_token,
+    number,
+    request_info,
+)
 from exporter.record import UPSTREAM_ERROR, RequestRecord
 
 PROVIDER = "ollama"
@@ -23,12 +30,7 @@ TIMING_FIELDS = (
 
 
 def parse_request(body: dict[str, Any]) -> RequestInfo:
-    info = RequestInfo()
-    model = body.get("model")
-    if isinstance(model, str):
-        info.model = model
-    stream = body.get("stream", True)
-    info.stream = stream if isinstance(stream, bool) else None
+    info = request_info(body, stream_default=True)
     options = body.get("options")
     if isinstance(options, dict):
         max_tokens = count(options.get("num_predict"))
@@ -38,10 +40,8 @@ def parse_request(body: dict[str, Any]) -> RequestInfo:
 
 
 def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if type(obj) is not dict:
-        record.unparseable += 1
+    if answer_object(record, obj) is None:
         return
-    note_model_and_id(record, obj)
     message = obj.get("message")
     if type(message) is dict:
         if message.get("content") or message.get("thinking") or message.get("tool_calls"):

@@ -12,11 +12,12 @@ from typing import Any
 
 from exporter.protocols.base import (
     RequestInfo,
+    answer_object,
     count,
     note_llamacpp_timings,
-    note_model_and_id,
     note_token,
     number,
+    request_info,
 )
 from exporter.record import UPSTREAM_ERROR, RequestRecord
 
@@ -24,12 +25,7 @@ PROVIDER = "openai"
 
 
 def parse_request(body: dict[str, Any]) -> RequestInfo:
-    info = RequestInfo()
-    model = body.get("model")
-    if isinstance(model, str):
-        info.model = model
-    stream = body.get("stream", False)
-    info.stream = stream if isinstance(stream, bool) else None
+    info = request_info(body, stream_default=False)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     info.max_tokens = count(max_tokens)
     info.temperature = number(body.get("temperature"))
@@ -48,10 +44,8 @@ def _has_content(part: Any) -> bool:
 
 
 def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if type(obj) is not dict:
-        record.unparseable += 1
+    if answer_object(record, obj) is None:
         return
-    note_model_and_id(record, obj)
     choices = obj.get("choices")
     if type(choices) is list and choices:
         token = False
