@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,7 +23,8 @@ from exporter.upstream.monitor import UpstreamMonitor
 
 
 def create_admin_app(registry: CollectorRegistry, live: LiveState,
-                     monitor: UpstreamMonitor, gpu: GpuSampler) -> web.Application:
+                     monitor: UpstreamMonitor, gpu: GpuSampler,
+                     draining: Callable[[], bool] = lambda: False) -> web.Application:
     started = time.time()
 
     async def metrics(request: web.Request) -> web.Response:
@@ -35,6 +37,9 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        if draining():
+            return web.json_response({"status": "not ready", "reason": "shutting down"},
+                                     status=503)
         if monitor.up:
             return web.json_response({"status": "ready", "upstream": monitor.url})
         return web.json_response(

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.gpu import add_gpu_command
 
     add_gpu_command(commands)
+    key = commands.add_parser(
+        "key", help="make an API key and the line to put in --api-key-file",
+        description="Print a new random API key (give it to the client) and the line for "
+                    "--api-key-file (it holds only the key's SHA-256).")
+    key.add_argument("name", help="a name for the key, shown in the access log")
 
     demo = commands.add_parser(
         "demo", help="simulator + llmtap + a little traffic: see real numbers in one command",
@@ -155,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llmtap simulator serving {', '.join(config.models)} on "
                   f"http://{args.listen}", file=sys.stderr)
             _run(run_simulator(config, args.listen.host, args.listen.port))
+        elif args.command == "key":
+            from exporter.auth import key_file_line, new_key
+
+            secret = new_key()
+            print(f"key (give it to the client; it is not stored anywhere): {secret}")
+            print(f"line for --api-key-file: {key_file_line(args.name, secret)}")
         elif args.command == "gpu":
             from exporter.gpu import run_gpu_command
 

@@ -71,6 +71,13 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+def parse_non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"expected a whole number ≥ 0, got {text!r}")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -145,6 +152,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_interval", parse_seconds, 5.0,
            "seconds between upstream health probes (they drive /readyz and llmtap_upstream_up)",
            "SECONDS"),
+    Option("api_key_file", str, "",
+           "admit only requests carrying a key listed (hashed) in this file, as "
+           "'Authorization: Bearer KEY' or 'x-api-key: KEY'; make keys with `llmtap key NAME`",
+           "FILE"),
+    Option("max_waiting_per_model", parse_non_negative_int, 0,
+           "most requests per model waiting at llmtap for a first token; past it llmtap "
+           "answers 503 with Retry-After instead of queueing more (0: no limit)", "N"),
     Option("pin", parse_list, (),
            "pin a model to a digest, MODEL=DIGEST (sha256, 12+ hex digits; repeat the flag "
            "or separate with commas); llmtap_model_digest_mismatch says when the installed "
@@ -185,6 +199,8 @@ class Settings:
     max_models: int = 100
     inventory_interval: float = 30.0
     health_interval: float = 5.0
+    api_key_file: str = ""
+    max_waiting_per_model: int = 0
     pin: tuple[str, ...] = ()
     pin_file: str = ""
     enforce_pins: bool = False

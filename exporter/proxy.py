@@ -19,6 +19,7 @@ from time import perf_counter
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -26,8 +27,9 @@ from opentelemetry.trace import Span
 from yarl import URL
 
 from exporter import record as rec
+from exporter.auth import ApiKeys
 from exporter.models import OTHER, ModelLabels
-from exporter.protocols import ResponseObserver, endpoint_for, parse_request_body
+from exporter.protocols import Endpoint, ResponseObserver, endpoint_for, parse_request_body
 from exporter.protocols.errors import error_body
 from exporter.record import RequestRecord
 from exporter.state import GaugeKey, LiveState
@@ -59,8 +61,11 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in values for token in value.split(","))
 
 
-def forward_request_headers(request: web.Request) -> CIMultiDict[str]:
+def forward_request_headers(request: web.Request, strip: str = "") -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and `strip`: llmtap's own API key)."""
     drop = _connection_named(request.headers)
+    if strip:
+        drop |= {strip}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lower = name.lower()
@@ -158,8 +163,13 @@ class Relay:
                  live: LiveState, sinks: list[Sink], *, connect_timeout: float = 5.0,
                  first_byte_timeout: float = 600.0, idle_timeout: float = 300.0,
                  on_retry: Callable[[], None] | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, keys: ApiKeys | None = None,
+                 on_rejected: Callable[[], None] | None = None,
+                 max_waiting_per_model: int = 0) -> None:
         self._base = upstream_url.rstrip("/")
+        self._keys = keys
+        self._on_rejected = on_rejected
+        self._max_waiting = max_waiting_per_model
         self._tracing = tracing
         parts = URL(self._base)
         self._upstream_host = parts.host or ""
@@ -218,7 +228,23 @@ class Relay:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrival = perf_counter()
+        admitted = None
+        if self._keys is not None:
+            # Before anything else: a rejected request costs a hash and never reaches the
+            # upstream, nor any metric series or log line of its own.
+            admitted = self._keys.check(request.headers)
+            if admitted is None:
+                if self._on_rejected is not None:
+                    self._on_rejected()
+                return web.Response(
+                    status=401, content_type="application/json",
+                    headers={"WWW-Authenticate": 'Bearer realm="llmtap"'},
+                    body=error_body(request.path, 401, "a valid API key is required "
+                                    "(Authorization: Bearer KEY or x-api-key: KEY)",
+                                    "invalid_api_key"))
         record = RequestRecord(request.method, request.path, arrival)
+        if admitted is not None:
+            record.key_name = admitted.name
         endpoint = endpoint_for(request.method, request.path)
         key: GaugeKey | None = None
         span: Span | None = None
@@ -227,6 +253,7 @@ class Relay:
         deadline: Deadline | None = None
         upstream: aiohttp.ClientResponse | None = None
         response: web.StreamResponse | None = None
+        chunk = b""  # the last chunk relayed
         try:
             body, replayable = await _read_body(request)
             started = perf_counter()
@@ -252,9 +279,17 @@ class Relay:
                 if (refusal := self._monitor.refuses(label)) is not None:
                     record.error_type = "409"
                     return await self._fail(request, record, 409, refusal, "model_pin_mismatch")
+                if self._max_waiting and self._live.models[label].waiting > self._max_waiting:
+                    record.error_type = rec.QUEUE_FULL
+                    return await self._fail(
+                        request, record, 503,
+                        f"{self._live.models[label].waiting - 1} requests for this model are "
+                        "already waiting at llmtap (--max-waiting-per-model); retry later",
+                        "queue_full", retry_after=1)
                 if label != OTHER:
                     record.model_was_loaded = self._monitor.view.model_was_loaded(label)
-            headers = forward_request_headers(request)
+            headers = forward_request_headers(request,
+                                              admitted.header if admitted is not None else "")
             if span is not None:
                 Tracing.inject(span, headers)
             record.dispatched = perf_counter()
@@ -322,8 +357,8 @@ class Relay:
             if response is None:
                 return await self._fail(request, record, 504,
                                         "the upstream did not answer in time", "timeout")
-            _abort(request)
-            return response
+            return await _end_broken_stream(request, response, endpoint, chunk,
+                                            "the upstream went silent (llmtap idle timeout)")
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             record.error_type = rec.CANCELLED  # writing to a client that disconnected
             raise
@@ -335,8 +370,8 @@ class Relay:
             if response is None:
                 return await self._fail(request, record, 502, "the upstream failed",
                                         "upstream_unavailable")
-            _abort(request)
-            return response
+            return await _end_broken_stream(request, response, endpoint, chunk,
+                                            "the upstream broke off the answer")
         finally:
             if deadline is not None:
                 deadline.disarm()
@@ -347,10 +382,11 @@ class Relay:
                 structlog.contextvars.reset_contextvars(**log_context)
 
     async def _fail(self, request: web.Request, record: RequestRecord, status: int,
-                    message: str, kind: str) -> web.Response:
+                    message: str, kind: str, retry_after: int | None = None) -> web.Response:
         record.status = status
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return web.Response(status=status, body=error_body(record.path, status, message, kind),
-                            content_type="application/json")
+                            content_type="application/json", headers=headers)
 
     def _start_span(self, record: RequestRecord, request: web.Request) -> Span:
         assert self._tracing is not None
@@ -383,3 +419,27 @@ def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+async def _end_broken_stream(request: web.Request, response: web.StreamResponse,
+                             endpoint: Endpoint | None, last_chunk: bytes,
+                             message: str) -> web.StreamResponse:
+    """End a stream the upstream broke off, so the client's SDK reports an error.
+
+    An Ollama NDJSON stream ends as Ollama ends one that fails: a last `{"error": ...}` line
+    (the ollama SDK raises it). Anything else is cut without its terminator (no SSE
+    `[DONE]`, no final chunk), which every HTTP client reports as a truncated answer.
+    """
+    ndjson = response.headers.get("Content-Type", "").startswith("application/x-ndjson")
+    if endpoint is not None and endpoint.dialect == "ollama" and ndjson:
+        line = orjson.dumps({"error": message}) + b"\n"
+        if last_chunk and not last_chunk.endswith(b"\n"):
+            line = b"\n" + line  # never glue the error onto a half-relayed line
+        try:
+            await response.write(line)
+            await response.write_eof()
+            return response
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+    _abort(request)
+    return response

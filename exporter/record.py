@@ -18,6 +18,7 @@ TIMEOUT = "timeout"
 UPSTREAM_CONNECT = "upstream_connect"
 UPSTREAM_RESET = "upstream_reset"
 UPSTREAM_ERROR = "upstream_error"  # an error frame inside a 200 stream ({"error": ...})
+QUEUE_FULL = "queue_full"  # refused by llmtap: too many waiting for this model
 
 # gen_ai.operation.name values
 CHAT = "chat"
@@ -37,6 +38,7 @@ class RequestRecord:
         "first_byte",
         "first_token",
         "input_tokens",
+        "key_name",
         "last_token",
         "method",
         "model_label",
@@ -88,6 +90,7 @@ class RequestRecord:
         self.server_timings: dict[str, Any] = {}
         self.overhead = 0.0  # seconds spent in llmtap's own code
         self.request_info: RequestInfo | None = None  # what the request body asked for
+        self.key_name = ""  # the API key that admitted the request, when keys are on
         self.trace_id = ""  # hex, set when the request's span is sampled
         self.span_id = ""
 

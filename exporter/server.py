@@ -8,9 +8,10 @@ import signal
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from exporter.admin import create_admin_app
+from exporter.auth import ApiKeys
 from exporter.config import HostPort, Settings, settings_pins
 from exporter.gpu import GpuCollector, GpuSampler
 from exporter.models import ModelLabels
@@ -44,6 +45,16 @@ class Sidecar:
         self.gpu = GpuSampler(interval=settings.gpu_interval, mode=settings.gpu)
         self.registry.register(GpuCollector(self.gpu))
         self.metrics = RequestMetrics(self.registry, self.live)
+        try:
+            self.keys = ApiKeys.load(settings.api_key_file) if settings.api_key_file else None
+        except ValueError as exc:
+            raise StartupError(f"--api-key-file: {exc}") from None
+        auth = Gauge("llmtap_auth_enabled", "1 when the proxy port requires an API key",
+                     registry=self.registry)
+        auth.set(1 if self.keys is not None else 0)
+        rejected = Counter("llmtap_auth_rejected",
+                           "Requests refused for a missing or wrong API key",
+                           registry=self.registry)
         sinks = [self.metrics.observe]
         if settings.access_log:
             sinks.append(AccessLog().observe)
@@ -57,7 +68,9 @@ class Sidecar:
             connect_timeout=settings.connect_timeout,
             first_byte_timeout=settings.first_byte_timeout,
             idle_timeout=settings.idle_timeout,
-            on_retry=self.metrics.retries.inc, tracing=self.tracing)
+            on_retry=self.metrics.retries.inc, tracing=self.tracing, keys=self.keys,
+            on_rejected=rejected.inc, max_waiting_per_model=settings.max_waiting_per_model)
+        self.draining = False  # set at SIGTERM: /readyz answers 503 from then on
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.proxy_address: HostPort | None = None
@@ -71,7 +84,8 @@ class Sidecar:
         # while llmtap waits for the upstream's first byte, which closes the upstream request.
         proxy = web.AppRunner(proxy_app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=self.settings.shutdown_timeout)
-        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor, self.gpu),
+        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor, self.gpu,
+                                               lambda: self.draining),
                               access_log=None)
         self.proxy_address = await self._listen(proxy, self.settings.listen, "--listen")
         self.admin_address = await self._listen(admin, self.settings.admin_listen,
@@ -82,6 +96,9 @@ class Sidecar:
         # Pollers and the GPU sampler run beside the relay, each failing on its own.
         self._tasks = [asyncio.create_task(self.monitor.run(), name="upstream-monitor"),
                        asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
+        if self.keys is None and not _loopback(self.settings.listen.host):
+            log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
+                        "it: no API keys are configured (--api-key-file)")
         log.info("llmtap serving", proxy=str(self.proxy_address),
                  admin=str(self.admin_address), upstream=self.settings.upstream,
                  kind=self.monitor.kind)
@@ -100,6 +117,9 @@ class Sidecar:
         return HostPort(address.host, port)
 
     async def stop(self) -> None:
+        """Drain: /readyz says not ready at once, the proxy stops accepting, in-flight
+        requests get --shutdown-timeout seconds to finish, then the rest shuts down."""
+        self.draining = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -125,3 +145,14 @@ async def serve(settings: Settings) -> None:
         log.info("llmtap stopping")
     finally:
         await sidecar.stop()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -71,4 +71,5 @@ class AccessLog:
             duration_ms=_ms(record.duration),
             tokens_in=record.input_tokens,
             tokens_out=record.output_token_count,
+            key=record.key_name or None,
         )

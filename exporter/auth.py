@@ -1,0 +1,92 @@
+"""API keys on the proxy port: optional, named, stored hashed, compared in constant time.
+
+Ollama has no authentication of its own. With `--api-key-file`, llmtap admits only requests
+that carry one of the listed keys (`Authorization: Bearer KEY` or `x-api-key: KEY`), strips
+the key before forwarding, and names the key in the access log. The file holds no keys, only
+their SHA-256 — keys are random 256-bit strings (`llmtap key NAME` makes one), so a fast hash
+is enough and a leaked file admits no one.
+
+Every check hashes what the client sent and compares that digest with every stored one using
+`hmac.compare_digest`, so the time taken depends neither on how much of a key was right nor on
+which key matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_HEADERS = ("authorization", "x-api-key")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    name: str  # the key's name, for the access log
+    header: str  # the header that carried it: stripped before forwarding
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def new_key() -> str:
+    return "llmtap-" + secrets.token_urlsafe(32)
+
+
+def key_file_line(name: str, key: str) -> str:
+    return f"{name} sha256:{digest(key).hex()}"
+
+
+class ApiKeys:
+    def __init__(self, entries: dict[str, bytes]) -> None:
+        if not entries:
+            raise ValueError("the API key file lists no keys")
+        self._entries = list(entries.items())
+
+    @classmethod
+    def load(cls, path: str) -> ApiKeys:
+        """`NAME sha256:HEX` per line; blank lines and `#` comments are ignored."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        entries: dict[str, bytes] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, _, hashed = line.partition(" ")
+            hex_digest = hashed.strip().removeprefix("sha256:")
+            try:
+                raw = bytes.fromhex(hex_digest)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError(f"{path}:{number}: expected `NAME sha256:<64 hex digits>` "
+                                 "(make one with `llmtap key NAME`)")
+            if name in entries:
+                raise ValueError(f"{path}:{number}: key name {name!r} appears twice")
+            entries[name] = raw
+        return cls(entries)
+
+    def check(self, headers: Mapping[str, str]) -> Admitted | None:
+        for header in KEY_HEADERS:
+            value = headers.get(header)
+            if value is None:
+                continue
+            if header == "authorization":
+                scheme, _, value = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    continue
+            presented = digest(value.strip())
+            matched = None
+            for name, stored in self._entries:  # no early exit: same work whichever matches
+                if hmac.compare_digest(presented, stored):
+                    matched = name
+            if matched is not None:
+                return Admitted(matched, header)
+        return None
