@@ -53,6 +53,7 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
             "upstream": monitor.state(),
             "models": _models(live, monitor),
             "gpus": gpu.state(),
+            "process": _process(),
         }
         return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
@@ -78,3 +79,17 @@ def _models(live: LiveState, monitor: UpstreamMonitor) -> dict[str, Any]:
         entry["loaded"] = None if loaded is None else resident is not None
         entry["vram_bytes"] = resident.vram_bytes if resident is not None else None
     return dict(sorted(snapshot.items()))
+
+
+def _process() -> dict[str, Any]:
+    """llmtap's own footprint: what leak tests and operators watch."""
+    import os
+
+    try:
+        fds: int | None = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as statm:
+            rss: int | None = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        fds = rss = None
+    return {"pid": os.getpid(), "open_fds": fds, "rss_bytes": rss,
+            "asyncio_tasks": len(asyncio.all_tasks())}

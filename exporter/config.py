@@ -159,6 +159,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_waiting_per_model", parse_non_negative_int, 0,
            "most requests per model waiting at llmtap for a first token; past it llmtap "
            "answers 503 with Retry-After instead of queueing more (0: no limit)", "N"),
+    Option("max_body_bytes", parse_positive_int, 64 << 20,
+           "largest request body accepted, streamed ones included; larger ones get 413 in "
+           "the client's dialect", "BYTES"),
+    Option("header_timeout", parse_seconds, 15.0,
+           "seconds a client connection may take to send a complete request head (against "
+           "slowloris); also how long an idle keep-alive connection stays open", "SECONDS"),
     Option("pin", parse_list, (),
            "pin a model to a digest, MODEL=DIGEST (sha256, 12+ hex digits; repeat the flag "
            "or separate with commas); llmtap_model_digest_mismatch says when the installed "
@@ -201,6 +207,8 @@ class Settings:
     health_interval: float = 5.0
     api_key_file: str = ""
     max_waiting_per_model: int = 0
+    max_body_bytes: int = 64 << 20
+    header_timeout: float = 15.0
     pin: tuple[str, ...] = ()
     pin_file: str = ""
     enforce_pins: bool = False

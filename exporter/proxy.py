@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from time import perf_counter
 from typing import Any
 
@@ -52,7 +52,7 @@ NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content
 REPLAYABLE_BODY_LIMIT = 1 << 20
 
 Sink = Callable[[RequestRecord], None]
-Body = bytes | AsyncIterator[bytes] | None
+Body = bytes | AsyncIterable[bytes] | None
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -135,27 +135,58 @@ class UpstreamFailure(Exception):
         self.status = status
 
 
-async def _read_body(request: web.Request) -> tuple[Body, bool]:
-    """The request body: whole bytes when small (replayable), else a stream of it."""
+class BodyTooLarge(Exception):
+    """The request body passed --max-body-bytes."""
+
+
+async def _read_body(request: web.Request, limit: int) -> tuple[Body, bool]:
+    """The request body: whole bytes when small (replayable), else a stream of it.
+
+    aiohttp's client_max_size covers only bodies read whole; a streamed body is counted as
+    it passes, and the upstream request is abandoned the moment it goes over the limit.
+    """
     if not request.body_exists:
         return None, True
     content = request.content
     length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge
     if length is not None and length > REPLAYABLE_BODY_LIMIT:
-        return content.iter_any().__aiter__(), False
+        return _StreamedBody(b"", content, limit), False
     buf = bytearray()
     while len(buf) <= REPLAYABLE_BODY_LIMIT:
         chunk = await content.readany()
         if not chunk:
             return bytes(buf), True
         buf += chunk
-    return _stream_rest(bytes(buf), content), False
+        if len(buf) > limit:
+            raise BodyTooLarge
+    return _StreamedBody(bytes(buf), content, limit), False
 
 
-async def _stream_rest(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    yield prefix
-    async for chunk in content.iter_any():
-        yield chunk
+class _StreamedBody:
+    """A request body relayed as it arrives, counted against the limit on the way.
+
+    Going over the limit raises inside aiohttp's body writer, which reports it as a
+    connection error; `too_large` tells the relay what really happened.
+    """
+
+    def __init__(self, prefix: bytes, content: aiohttp.StreamReader, limit: int) -> None:
+        self._prefix = prefix
+        self._content = content
+        self._limit = limit
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = len(self._prefix)
+        if self._prefix:
+            yield self._prefix
+        async for chunk in self._content.iter_any():
+            sent += len(chunk)
+            if sent > self._limit:
+                self.too_large = True
+                raise BodyTooLarge
+            yield chunk
 
 
 class Relay:
@@ -165,11 +196,12 @@ class Relay:
                  on_retry: Callable[[], None] | None = None,
                  tracing: Tracing | None = None, keys: ApiKeys | None = None,
                  on_rejected: Callable[[], None] | None = None,
-                 max_waiting_per_model: int = 0) -> None:
+                 max_waiting_per_model: int = 0, max_body_bytes: int = 64 << 20) -> None:
         self._base = upstream_url.rstrip("/")
         self._keys = keys
         self._on_rejected = on_rejected
         self._max_waiting = max_waiting_per_model
+        self._max_body = max_body_bytes
         self._tracing = tracing
         parts = URL(self._base)
         self._upstream_host = parts.host or ""
@@ -255,7 +287,7 @@ class Relay:
         response: web.StreamResponse | None = None
         chunk = b""  # the last chunk relayed
         try:
-            body, replayable = await _read_body(request)
+            body, replayable = await _read_body(request, self._max_body)
             started = perf_counter()
             label = OTHER
             if endpoint is not None:
@@ -342,7 +374,18 @@ class Relay:
             upstream.release()
             await response.write_eof()
             return response
+        except BodyTooLarge:
+            if endpoint is not None and key is None:
+                # Refused before the body was parsed: counted all the same, as model "other".
+                record.operation = endpoint.operation
+                record.provider = self._monitor.kind or endpoint.dialect
+                key = (record.provider, record.operation, OTHER)
+                self._live.started(key)
+                waiting = True
+            return await self._too_large(request, record)
         except UpstreamFailure as failure:
+            if isinstance(body, _StreamedBody) and body.too_large:
+                return await self._too_large(request, record)
             record.error_type = failure.error_type
             return await self._fail(request, record, failure.status, str(failure),
                                     "upstream_unavailable")
@@ -380,6 +423,14 @@ class Relay:
             self._finish(record, key, waiting, span)
             if record.trace_id:
                 structlog.contextvars.reset_contextvars(**log_context)
+
+    async def _too_large(self, request: web.Request, record: RequestRecord) -> web.Response:
+        record.error_type = "413"
+        response = await self._fail(
+            request, record, 413, f"the request body is larger than {self._max_body} bytes "
+            "(llmtap --max-body-bytes)", "request_too_large")
+        response.force_close()  # the rest of the body is not read: the connection is spent
+        return response
 
     async def _fail(self, request: web.Request, record: RequestRecord, status: int,
                     message: str, kind: str, retry_after: int | None = None) -> web.Response:

@@ -69,7 +69,8 @@ class Sidecar:
             first_byte_timeout=settings.first_byte_timeout,
             idle_timeout=settings.idle_timeout,
             on_retry=self.metrics.retries.inc, tracing=self.tracing, keys=self.keys,
-            on_rejected=rejected.inc, max_waiting_per_model=settings.max_waiting_per_model)
+            on_rejected=rejected.inc, max_waiting_per_model=settings.max_waiting_per_model,
+            max_body_bytes=settings.max_body_bytes)
         self.draining = False  # set at SIGTERM: /readyz answers 503 from then on
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,12 +83,19 @@ class Sidecar:
         proxy_app.router.add_route("*", "/{tail:.*}", self.relay.handle)
         # handler_cancellation: a client that disconnects cancels its handler at once, also
         # while llmtap waits for the upstream's first byte, which closes the upstream request.
+        # keepalive_timeout runs from the moment a connection opens, and a connection whose
+        # request head is still incomplete when it fires is closed: that is the slowloris
+        # deadline (aiohttp has no separate header timeout).
         proxy = web.AppRunner(proxy_app, handler_cancellation=True, access_log=None,
-                              shutdown_timeout=self.settings.shutdown_timeout)
+                              shutdown_timeout=self.settings.shutdown_timeout,
+                              keepalive_timeout=self.settings.header_timeout)
         admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor, self.gpu,
                                                lambda: self.draining),
                               access_log=None)
         self.proxy_address = await self._listen(proxy, self.settings.listen, "--listen")
+        if self.keys is None and not _loopback(self.settings.listen.host):
+            log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
+                        "it: no API keys are configured (--api-key-file)")
         self.admin_address = await self._listen(admin, self.settings.admin_listen,
                                                 "--admin-listen")
         # First probe before serving traffic, so the first requests already get the right
@@ -96,9 +104,6 @@ class Sidecar:
         # Pollers and the GPU sampler run beside the relay, each failing on its own.
         self._tasks = [asyncio.create_task(self.monitor.run(), name="upstream-monitor"),
                        asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
-        if self.keys is None and not _loopback(self.settings.listen.host):
-            log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
-                        "it: no API keys are configured (--api-key-file)")
         log.info("llmtap serving", proxy=str(self.proxy_address),
                  admin=str(self.admin_address), upstream=self.settings.upstream,
                  kind=self.monitor.kind)

@@ -245,3 +245,72 @@ async def test_ollama_stream_broken_off_ends_with_an_error_line() -> None:
             assert last == {"error": "the upstream broke off the answer"}
             assert tap.metrics().value("gen_ai_server_request_duration_seconds_count",
                                        error_type="upstream_reset") == 1
+
+
+async def test_request_bodies_over_the_limit_get_413(sim: Simulator) -> None:
+    limit = 2 << 20
+    with running(Llmtap(sim.url, "--max-body-bytes", str(limit))) as tap:
+        started = sim.stats()["started"]
+        async with aiohttp.ClientSession() as session:
+            big = b'{"model":"sim-small","prompt":"' + b"x" * limit + b'"}'
+            async with session.post(tap.url + "/api/generate", data=big) as resp:
+                assert resp.status == 413  # told by Content-Length, nothing read
+                assert "--max-body-bytes" in orjson.loads(await resp.read())["error"]
+
+            async def chunked() -> Any:  # no Content-Length: counted as it streams
+                yield b'{"model":"sim-small","prompt":"'
+                for _ in range(48):
+                    yield b"y" * 65536
+
+            async with session.post(tap.url + "/v1/completions", data=chunked()) as resp:
+                assert resp.status == 413
+                assert orjson.loads(await resp.read())["error"]["type"] == "request_too_large"
+            async with session.post(tap.url + "/api/generate",
+                                    json={"model": "sim-small", "prompt": "fits",
+                                          "stream": False}) as resp:
+                assert resp.status == 200  # the limit leaves normal requests alone
+        assert sim.stats()["completed"] == sim.stats()["started"] == started + 1
+        assert tap.metrics().value("gen_ai_server_request_duration_seconds_count",
+                                   error_type="413") == 2
+
+
+async def test_slowloris_connections_are_closed_at_the_header_deadline(sim: Simulator) -> None:
+    with running(Llmtap(sim.url, "--header-timeout", "1")) as tap:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tap.port)
+        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n")
+        opened = time.monotonic()
+        closed_after = None
+        for i in range(40):  # one more header byte every 0.1 s, never finishing the head
+            try:
+                writer.write(b"X-Slow-%d: 1\r\n" % i)
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(1), 0.1)
+                if data == b"":
+                    closed_after = time.monotonic() - opened
+                    break
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                closed_after = time.monotonic() - opened
+                break
+        writer.close()
+        assert closed_after is not None, "the trickling connection was never closed"
+        print(f"\nslowloris connection closed {closed_after:.2f} s after it opened")
+        assert closed_after < 3
+        status, _, _ = await send(tap.url + "/api/chat")  # normal clients are unaffected
+        assert status == 200
+
+
+async def test_malformed_request_json_is_relayed_untouched(sim: Simulator) -> None:
+    """llmtap is transparent: the server decides what a bad request gets."""
+    bad = b'{"model": "sim-small", "messages": [ {"role": "user", "content": "hi"'  # cut off
+    with running(Llmtap(sim.url)) as tap:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(sim.url + "/api/chat", data=bad) as direct:
+                want = (direct.status, await direct.read())
+            async with session.post(tap.url + "/api/chat", data=bad) as relayed:
+                got = (relayed.status, await relayed.read())
+        assert got == want and want[0] == 400
+        m = tap.metrics()
+        assert m.value("gen_ai_server_request_duration_seconds_count",
+                       gen_ai_request_model="other", error_type="400") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,3 +212,60 @@ def test_observer_never_raises(chunks: list[bytes], ctype: str, path: str) -> No
 def test_request_parsing(path: str, body: bytes, model: str, stream: bool | None) -> None:
     info = parse_request_body(ENDPOINTS[path], body)
     assert (info.model, info.stream) == (model, stream)
+
+
+# Field names the observers read, so generated objects hit their type checks.
+FIELDS = ["model", "id", "message", "content", "thinking", "tool_calls", "response", "done",
+          "done_reason", "eval_count", "prompt_eval_count", "load_duration", "choices",
+          "delta", "text", "finish_reason", "usage", "prompt_tokens", "completion_tokens",
+          "timings", "prompt_ms", "stop", "tokens_predicted", "tokens_evaluated", "error",
+          "embeddings", "reasoning_content"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=6),
+    max_leaves=6)
+
+
+NASTY = [b'{"eval_count": 123456789012345678901234567890}\n', b'{"eval_count": 1e999}\n',
+         b"[" * 2000 + b"]" * 2000 + b"\n", b'{"message": {"content": "\\ud800"}}\n',
+         b"data: {\"choices\": [null, 1, \"x\", {\"delta\": []}]}\n\n",
+         b"data:\n\n", b"\r\n\r\n", b"\xef\xbb\xbf{}\n", b'{"done": true, "eval_count": -5}\n']
+
+
+@st.composite
+def adversarial_streams(draw: st.DrawFn) -> tuple[str, str, bytes, int]:
+    path = draw(st.sampled_from(sorted(ENDPOINTS)))
+    ctype = draw(st.sampled_from(["text/event-stream", "application/x-ndjson",
+                                  "application/json"]))
+    frames = []
+    for value in draw(st.lists(json_values, max_size=5)):
+        body = orjson.dumps(value)
+        frames.append(b"data: " + body + b"\n\n" if ctype == "text/event-stream"
+                      else body + b"\n")
+    frames += draw(st.lists(st.binary(max_size=40) | st.sampled_from(NASTY), max_size=3))
+    data = b"".join(frames)
+    seed = draw(st.integers(0, 2**32 - 1))
+    return path, ctype, data, seed
+
+
+@settings(max_examples=1_000, deadline=None, database=None)
+@given(adversarial_streams())
+def test_adversarial_frames_never_raise(case: tuple[str, str, bytes, int]) -> None:
+    """10,000 cases: 1,000 generated streams, each fed whole, byte by byte and in 8 random
+    splittings; the facts never depend on how the bytes were split."""
+    path, ctype, data, seed = case
+    rng = random.Random(seed)
+    whole = observe(path, ctype, [data])
+    splittings = [[data[i:i + 1] for i in range(len(data))] or [b""]]
+    for _ in range(8):
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(1, 12))))
+        splittings.append([data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)],
+                                                     strict=True)])
+    for pieces in splittings:
+        record = observe(path, ctype, pieces, [1.0] * len(pieces))
+        assert (record.input_tokens, record.output_tokens, record.token_chunks,
+                record.unparseable, record.error_type) == (
+            whole.input_tokens, whole.output_tokens, whole.token_chunks,
+            whole.unparseable, whole.error_type)
