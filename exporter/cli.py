@@ -172,8 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gpu_command(args)
         elif args.command == "demo":
             from exporter.demo import run_demo
+            from exporter.server import StartupError
 
-            return int(_run(run_demo(args.listen, args.admin_listen, args.requests, args.exit)))
+            try:
+                return int(_run(run_demo(args.listen, args.admin_listen, args.requests,
+                                         args.exit)))
+            except StartupError as exc:
+                print(f"llmtap: error: {exc} (choose other ports with --listen and "
+                      "--admin-listen)", file=sys.stderr)
+                return 1
     except ConfigError as exc:
         parser.exit(2, f"llmtap {args.command}: error: {exc}\n")
     except KeyboardInterrupt:

@@ -402,9 +402,11 @@ class Relay:
                                         "the upstream did not answer in time", "timeout")
             return await _end_broken_stream(request, response, endpoint, chunk,
                                             "the upstream went silent (llmtap idle timeout)")
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            record.error_type = rec.CANCELLED  # writing to a client that disconnected
-            raise
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+            # Writing to a client that disconnected. Returning the (prepared) response lets
+            # aiohttp finish quietly; raising would log a traceback per departed client.
+            record.error_type = rec.CANCELLED
+            return response if response is not None else web.Response(status=499)
         except aiohttp.ClientError as exc:
             # The upstream broke off mid-answer: end the client's stream without the
             # final chunk, so its SDK reports a truncated answer instead of a complete one.

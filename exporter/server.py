@@ -122,16 +122,17 @@ class Sidecar:
         return HostPort(address.host, port)
 
     async def stop(self) -> None:
-        """Drain: /readyz says not ready at once, the proxy stops accepting, in-flight
-        requests get --shutdown-timeout seconds to finish, then the rest shuts down."""
+        """Drain: /readyz says not ready and the proxy stops accepting in the same step (no
+        request can slip in between), in-flight requests get --shutdown-timeout seconds to
+        finish, then the rest shuts down."""
         self.draining = True
+        for runner in self._runners:  # the proxy's first: it closes its listener at once
+            await runner.cleanup()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for runner in self._runners:
-            await runner.cleanup()
         await self.relay.close()
         if self.tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)

@@ -37,10 +37,11 @@ async def send(url: str, headers: dict[str, str] | None = None,
         return resp.status, dict(resp.headers), await resp.read()
 
 
-async def test_api_keys_gate_the_proxy_port(tmp_path: Path, sim: Simulator) -> None:
+async def test_api_keys_gate_the_proxy_port(tmp_path: Path) -> None:
     alice, bob = new_key(), new_key()
     keys = key_file(tmp_path, alice=alice, bob=bob)
-    with running(Llmtap(sim.url, "--api-key-file", keys)) as tap:
+    # Its own simulator: the test counts what reaches the upstream.
+    with running(Simulator()) as sim, running(Llmtap(sim.url, "--api-key-file", keys)) as tap:
         started = sim.stats()["started"]
         refusals = [
             {},
@@ -247,9 +248,11 @@ async def test_ollama_stream_broken_off_ends_with_an_error_line() -> None:
                                        error_type="upstream_reset") == 1
 
 
-async def test_request_bodies_over_the_limit_get_413(sim: Simulator) -> None:
+async def test_request_bodies_over_the_limit_get_413() -> None:
     limit = 2 << 20
-    with running(Llmtap(sim.url, "--max-body-bytes", str(limit))) as tap:
+    # Its own simulator: the test counts what reaches the upstream.
+    with running(Simulator()) as sim, \
+            running(Llmtap(sim.url, "--max-body-bytes", str(limit))) as tap:
         started = sim.stats()["started"]
         async with aiohttp.ClientSession() as session:
             big = b'{"model":"sim-small","prompt":"' + b"x" * limit + b'"}'

@@ -13,6 +13,7 @@ never put on spans.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -162,6 +163,9 @@ class Tracing:
     def __init__(self, registry: CollectorRegistry,
                  env: Mapping[str, str] = os.environ,
                  exporter: SpanExporter | None = None) -> None:
+        # The SDK logs every failed batch and retry in plain text; llmtap counts undelivered
+        # spans itself and logs them at most once a minute, so quiet the SDK's own lines.
+        logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
         self.dropped = Counter("llmtap_spans_dropped",
                                "Spans that could not be delivered to the OTLP collector "
                                "(export queue full or export failed)", registry=registry)
