@@ -83,15 +83,20 @@ async def main(requests: int, concurrency: int) -> str:
                 "collector down (refused)": refused.getsockname()[1],
                 "collector hanging": hanging.getsockname()[1],
             }
-            for name, port in configs.items():
-                env = {} if port is None else {
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                    "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
-                with running(Llmtap(sim.url, "--access-log", "false", env=env)) as tap:
-                    results = await load(tap.url, requests, concurrency)
-                    dropped = tap.metrics().value("llmtap_spans_dropped_total")
-                    rows.append((name, [r[0] for r in results], [r[1] for r in results],
-                                 rss_mb(tap.proc.pid), dropped))
+            # Two rounds in rotation; the table is the second, so no configuration pays for
+            # warming up the simulator or the machine.
+            for round_ in range(2):
+                rows = []
+                for name, port in configs.items():
+                    env = {} if port is None else {
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                        "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+                    with running(Llmtap(sim.url, "--access-log", "false", env=env)) as tap:
+                        results = await load(tap.url, requests, concurrency)
+                        dropped = tap.metrics().value("llmtap_spans_dropped_total")
+                        rows.append((name, [r[0] for r in results], [r[1] for r in results],
+                                     rss_mb(tap.proc.pid), dropped))
+                print(f"round {round_ + 1} done")
             received = len(receiver.spans)
     hanging.close()
     refused.close()
@@ -109,7 +114,10 @@ async def main(requests: int, concurrency: int) -> str:
                      f"{pct(totals, 0.5):.2f} | {pct(totals, 0.99):.2f} | "
                      f"{statistics.median(ttfts) / base_ttft:.2f}x | {rss:.0f} | "
                      f"{dropped:.0f} |")
-    lines += ["", f"The live collector received {received} spans."]
+    lines += ["", f"The live collector received {received} spans over both rounds. Spans to a "
+              "dead collector are dropped only once the exporter gives up on a batch (a 5 s "
+              "batch delay plus OTEL_EXPORTER_OTLP_TIMEOUT), mostly after the timed run; "
+              "tests/test_tracing.py counts them."]
     return "\n".join(lines)
 
 
