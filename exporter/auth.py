@@ -18,7 +18,8 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+
+from exporter import linefile
 
 KEY_HEADERS = ("authorization", "x-api-key")
 
@@ -50,15 +51,8 @@ class ApiKeys:
     @classmethod
     def load(cls, path: str) -> ApiKeys:
         """`NAME sha256:HEX` per line; blank lines and `#` comments are ignored."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
         entries: dict[str, bytes] = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
+        for number, line in linefile.entries(path):
             name, _, hashed = line.partition(" ")
             hex_digest = hashed.strip().removeprefix("sha256:")
             try:

@@ -64,18 +64,18 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def parse_positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"expected a whole number ≥ 1, got {text!r}")
-    return value
+def whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(f"expected a whole number ≥ {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
-def parse_non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"expected a whole number ≥ 0, got {text!r}")
-    return value
+parse_positive_int = whole_number(1)
+parse_non_negative_int = whole_number(0)
 
 
 def parse_bool(text: str) -> bool:

@@ -9,7 +9,7 @@ serve that model rather than silently serving a different one.
 
 from __future__ import annotations
 
-from pathlib import Path
+from exporter import linefile
 
 MIN_DIGEST_PREFIX = 12
 
@@ -40,15 +40,8 @@ def parse_pins(items: tuple[str, ...]) -> dict[str, str]:
 
 def load_pin_file(path: str) -> dict[str, str]:
     """One `MODEL=DIGEST` per line; blank lines and `#` comments are ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     pins: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for number, line in linefile.entries(path):
         try:
             model, digest = parse_pin(line)
         except ValueError as exc:
