@@ -188,6 +188,8 @@ def overview() -> dict[str, Any]:
                 "1), streamed answers.", "gen_ai_server_time_per_output_token_seconds"),
         latency(lay, "Request duration", "Arrival to the end of the answer, all outcomes.",
                 "gen_ai_server_request_duration_seconds"),
+        heatmap(lay, "Duration distribution", "Request duration, all models and outcomes.",
+                "gen_ai_server_request_duration_seconds"),
         latency(lay, "Queue wait", "Time before the server began work, where its timings "
                 "tell (Ollama load_duration with the model resident; llama.cpp TTFT - prompt "
                 "time).", "llmtap_queue_wait_seconds"),

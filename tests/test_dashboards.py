@@ -58,7 +58,8 @@ def test_dashboard_conventions(path: Path) -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, title
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"], title
-        if title in ("Time to first token", "Request duration", "TTFT distribution"):
+        if title in ("Time to first token", "Request duration", "TTFT distribution",
+                     "Duration distribution"):
             assert all(t.get("exemplar") for t in panel["targets"][:3]), title
     for expr in exprs(board):
         for window in re.findall(r"rate\([^\[]*\[([^\]]+)\]", expr):

@@ -7,7 +7,8 @@ from pathlib import Path
 from exporter.config import OPTIONS
 from tests.helpers import Llmtap, Metrics
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT_DIR = Path(__file__).resolve().parent.parent
+README = (ROOT_DIR / "README.md").read_text()
 
 
 def test_readme_documents_every_option() -> None:
@@ -55,3 +56,85 @@ def test_operations_page_cites_tests_that_exist() -> None:
     for name in re.findall(r"`::(\w+)`", page):  # short form: same file as the cell's first
         assert any(f"def {name}(" in (root / p).read_text() for p, _ in cited
                    if p.endswith(".py")), name
+
+
+def test_every_catalogued_metric_is_really_exported(sim_tap: Llmtap, llama_tap: Llmtap) -> None:
+    """The reverse of the check above: every name in the README's catalogue (which dashboards
+    and alert rules are checked against) is in a live registry. GPU series come from the
+    sampler over the fake NVML, the span counter from a Tracing instance; the vLLM-only KV
+    cache gauge from the vLLM mapping test's upstream is named below."""
+    import re
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporter.gpu import GpuCollector, GpuSampler
+    from exporter.telemetry.tracing import Tracing
+    from tests.fake_pynvml import FakeNvml
+    from tests.test_gpu import two_gpus
+
+    for tap, path, body in ((sim_tap, "/api/chat", b'{"model":"sim-small","messages":[]}'),
+                            (llama_tap, "/completion", b'{"prompt":"Hi","n_predict":2}')):
+        with urllib.request.urlopen(urllib.request.Request(tap.url + path, data=body),
+                                    timeout=60) as resp:  # so request series exist
+            resp.read()
+    exported: set[str] = set()
+    texts = [sim_tap.metrics().text, llama_tap.metrics().text]
+    registry = CollectorRegistry()
+    sampler = GpuSampler(nvml=FakeNvml(two_gpus()))
+    sampler.latest = sampler.sample_once()
+    sampler.shutdown()
+    registry.register(GpuCollector(sampler))
+    tracing = Tracing(registry, env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    try:
+        texts.append(generate_latest(registry).decode())
+    finally:
+        tracing.shutdown()
+    labels: set[str] = set()
+    for text in texts:
+        exported |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+        exported |= {line.split("{")[0].split()[0] for line in text.splitlines()
+                     if line and not line.startswith("#")}
+        labels |= set(re.findall(r"[{,]([a-z_]+)=", text))
+    table = README.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
+    catalogued = set(re.findall(r"`((?:gen_ai|llmtap)_[a-z_]+)`", table))
+    # Exported only with a configuration these sidecars do not have; tests/test_upstream.py
+    # shows each: the KV cache gauge in front of vLLM, the mismatch gauge with --pin.
+    conditional = {"llmtap_upstream_kv_cache_usage_ratio", "llmtap_model_digest_mismatch"}
+    missing = {name for name in catalogued - conditional - labels
+               if name not in exported and name.removesuffix("_total") not in exported}
+    assert not missing, f"catalogued but never exported: {sorted(missing)}"
+    # Labels too: every label a dashboard or rule selects, groups or shows by must be one
+    # llmtap exports (or Prometheus adds: job, instance, le).
+    import json
+
+    import yaml
+
+    known_labels = labels | {"job", "instance", "le"}
+    expressions: list[str] = []
+    for board in (ROOT_DIR / "dashboards").glob("*.json"):
+        doc = json.loads(board.read_text())
+        for panel in doc["panels"]:
+            for target in panel.get("targets", []):
+                expressions.append(target["expr"])
+                expressions += re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", ""))
+        expressions += [v["definition"] for v in doc["templating"]["list"]
+                        if v["type"] == "query"]
+    for rules in (ROOT_DIR / "alerts").glob("*.yml"):
+        for group in yaml.safe_load(rules.read_text())["groups"]:
+            for rule in group["rules"]:
+                expressions.append(rule["expr"])
+                for text in rule.get("annotations", {}).values():
+                    expressions += re.findall(r"\$labels\.(\w+)", text)
+    used: set[str] = set()
+    for expr in expressions:
+        if re.fullmatch(r"\w+", expr):
+            used.add(expr)  # a legend or annotation label
+            continue
+        used |= set(re.findall(r"[{,]\s*([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", expr))
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            used |= {name.strip() for name in grouping.split(",") if name.strip()}
+        for label_values in re.findall(r"label_values\([^)]*\),\s*(\w+)\)", expr):
+            used.add(label_values)
+    unknown = used - known_labels
+    assert not unknown, f"dashboards or rules use labels llmtap does not export: {unknown}"
