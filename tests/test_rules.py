@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "llmtap.rules.yml"
 RUNBOOK = ALERTS / "runbook.md"
-RUNBOOK_URL = "https://github.com/llmtap/llmtap/blob/main/alerts/runbook.md#"
+RUNBOOK_URL = "alerts/runbook.md#"
 SEVERITIES = {"critical", "warning", "info"}
 # Scraped by Prometheus itself, not exported by llmtap.
 PROMETHEUS_METRICS = {"up"}
