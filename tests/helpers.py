@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,14 @@ class Process:
                                      env={**os.environ, **(env or {})}, cwd=ROOT,
                                      start_new_session=True)
 
+    def wait_until_up(self, wait: Callable[[], None]) -> None:
+        """Run the readiness wait; a child that never comes up is stopped, not leaked."""
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -93,7 +101,7 @@ class Simulator(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([sys.executable, "-m", "exporter", "simulate",
                           "--listen", f"127.0.0.1:{self.port}", *args])
-        wait_http(self.url + "/api/version", 30, self.proc, self.log)
+        self.wait_until_up(lambda: wait_http(self.url + "/api/version", 30, self.proc, self.log))
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/sim/stats", timeout=5) as resp:
@@ -110,7 +118,8 @@ class Llmtap(Process):
         super().__init__([sys.executable, "-m", "exporter", "serve", "--upstream", upstream,
                           "--listen", f"127.0.0.1:{self.port}",
                           "--admin-listen", f"127.0.0.1:{self.admin_port}", *args], env=env)
-        wait_http(self.admin + ("/readyz" if ready else "/healthz"), 30, self.proc, self.log)
+        probe = self.admin + ("/readyz" if ready else "/healthz")
+        self.wait_until_up(lambda: wait_http(probe, 30, self.proc, self.log))
 
     async def ready(self, within: float = 30.0) -> None:
         """Wait for /readyz without blocking the event loop (for upstreams the test serves
@@ -184,7 +193,7 @@ class LlamaServer(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([server, "-m", self.model, "--host", "127.0.0.1",
                           "--port", str(self.port), "--", "--metrics", "-c", "2048", "-np", "2"])
-        wait_http(self.url + "/health", 120, self.proc, self.log)
+        self.wait_until_up(lambda: wait_http(self.url + "/health", 120, self.proc, self.log))
 
 
 @contextlib.contextmanager
