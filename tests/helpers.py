@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -166,6 +167,18 @@ class Metrics:
 
     def label_values(self, name: str, label: str) -> set[str]:
         return {lab[label] for n, lab, _ in self.samples if n == name and label in lab}
+
+
+def metric_catalogue() -> str:
+    """The README's metric catalogue section: the names dashboards and rules are checked
+    against (tests/test_docs.py keeps it equal to what llmtap really exports)."""
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
+
+
+def catalogued_names() -> set[str]:
+    """Every backticked llmtap_* / gen_ai_* name in the catalogue (metrics and labels)."""
+    return set(re.findall(r"`((?:gen_ai|llmtap)_[a-z0-9_]+)`", metric_catalogue()))
 
 
 def llama_server_paths() -> tuple[str, str]:

@@ -11,17 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import catalogued_names
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 PANEL_TYPES = {"timeseries", "stat", "heatmap", "table", "bargauge"}
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
-
-
-def catalogue() -> set[str]:
-    """Metric names in the README's catalogue table (the code keeps that table true)."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"`((?:gen_ai|llmtap)_[a-z_]+)`", table))
 
 
 def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
@@ -72,7 +67,7 @@ def test_dashboard_conventions(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboards_reference_only_exported_metrics(path: Path) -> None:
-    known = catalogue()
+    known = catalogued_names()
     assert "gen_ai_server_time_to_first_token_seconds" in known
     board = json.loads(path.read_text())
     for expr in exprs(board):

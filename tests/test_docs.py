@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.config import OPTIONS
-from tests.helpers import Llmtap, Metrics
+from tests.helpers import Llmtap, Metrics, catalogued_names
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 README = (ROOT_DIR / "README.md").read_text()
@@ -96,8 +96,7 @@ def test_every_catalogued_metric_is_really_exported(sim_tap: Llmtap, llama_tap: 
         exported |= {line.split("{")[0].split()[0] for line in text.splitlines()
                      if line and not line.startswith("#")}
         labels |= set(re.findall(r"[{,]([a-z_]+)=", text))
-    table = README.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
-    catalogued = set(re.findall(r"`((?:gen_ai|llmtap)_[a-z_]+)`", table))
+    catalogued = catalogued_names()
     # Exported only with a configuration these sidecars do not have; tests/test_upstream.py
     # shows each: the KV cache gauge in front of vLLM, the mismatch gauge with --pin.
     conditional = {"llmtap_upstream_kv_cache_usage_ratio", "llmtap_model_digest_mismatch"}

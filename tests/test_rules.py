@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import metric_catalogue
+
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "llmtap.rules.yml"
@@ -49,10 +51,8 @@ def recorded() -> set[str]:
 
 def catalogue() -> set[str]:
     """Every series name llmtap exports, from README.md's metric catalogue table."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Metric catalogue", 1)[1].split("\n## ", 1)[0]
     names: set[str] = set()
-    for line in section.splitlines():
+    for line in metric_catalogue().splitlines():
         if not line.startswith("| `"):
             continue
         cells = [cell.strip() for cell in line.strip("|").split("|")]
