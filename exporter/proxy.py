@@ -431,7 +431,9 @@ class Relay:
         response = await self._fail(
             request, record, 413, f"the request body is larger than {self._max_body} bytes "
             "(llmtap --max-body-bytes)", "request_too_large")
-        response.force_close()  # the rest of the body is not read: the connection is spent
+        # No force_close: with unread request bytes the kernel would reset the connection
+        # and the client could lose this answer. aiohttp's lingering close drains the rest
+        # of the body (for at most its lingering time) and then closes.
         return response
 
     async def _fail(self, request: web.Request, record: RequestRecord, status: int,
