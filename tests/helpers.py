@@ -204,8 +204,12 @@ class LlamaServer(Process):
         server, self.model = llama_server_paths()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # --no-repack: on CPUs with AMX (seen: Xeon with amx_int8/amx_bf16, 2026-11-30) the
+        # llama-server built natively crashes (SIGILL/SIGSEGV) right after "threadpool init"
+        # while repacking weights; without repacking it runs, a little slower.
         super().__init__([server, "-m", self.model, "--host", "127.0.0.1",
-                          "--port", str(self.port), "--", "--metrics", "-c", "2048", "-np", "2"])
+                          "--port", str(self.port), "--", "--metrics", "-c", "2048", "-np", "2",
+                          "--no-repack"])
         self.wait_until_up(lambda: wait_http(self.url + "/health", 120, self.proc, self.log))
 
 
