@@ -4,7 +4,7 @@ Why it exists: Ollama cannot be installed here and GPUs are rare, yet llmtap's d
 tests and end-to-end tests need a model server whose queueing, cold loads and token timing
 are real (wall-clock) and whose frames are byte-for-byte shaped like the real servers'. Tests
 compare what a client receives directly from this server with what it receives through
-llmtap, so with a seed every answer is byte-identical for the same request body.
+llmtap, so with a seed every answer is byte-identical for the same request.
 
 Frames follow the real servers' source, not their docs:
 - Ollama v0.12.6 (`api/types.go`, `server/routes.go`, `middleware/openai.go`): Go's
@@ -86,7 +86,7 @@ class SimulatorConfig:
     cold_load: float = 0.0  # seconds to load a model that is not resident
     max_loaded_models: int = 0  # 0 = unlimited; else loading one more evicts the LRU idle one
     keep_alive: float = 300.0  # seconds a model stays loaded after its last use (<0: forever)
-    seed: int | None = None  # set: byte-identical answers for identical request bodies
+    seed: int | None = None  # set: byte-identical answers for identical requests
     version: str = "0.12.6"  # reported by /api/version
     # Whose OpenAI-compatible layer /v1/* imitates: "ollama" or "llama.cpp" (llama-server's
     # frames, with timings; it serves models[0] whatever model name is sent).
@@ -502,10 +502,14 @@ class _Simulator:
 
     # -- planning
 
-    def rng_for(self, body: bytes) -> random.Random:
+    def rng_for(self, name: str, prompt_text: str, limit: int | None) -> random.Random:
+        """Seeded: the answer follows from what was asked (model, prompt, length limit), not
+        from how the JSON was spelled, so a proxy that re-serialises a body (LiteLLM does)
+        still gets the answer the client would have got directly."""
         if self.cfg.seed is None:
             return random.Random()
-        digest = hashlib.blake2b(body, key=str(self.cfg.seed).encode()[:64], digest_size=16)
+        asked = f"{name}\0{prompt_text}\0{limit}".encode()
+        digest = hashlib.blake2b(asked, key=str(self.cfg.seed).encode()[:64], digest_size=16)
         return random.Random(digest.digest())
 
     def plan(
@@ -514,10 +518,9 @@ class _Simulator:
         name: str,
         prompt_text: str,
         limit: int | None,
-        body: bytes,
         keep_alive: float | None = None,
     ) -> _Plan:
-        rng = self.rng_for(body)
+        rng = self.rng_for(name, prompt_text, limit)
         n = self.cfg.output_tokens
         reason = "stop"
         if limit is not None and limit <= n:
@@ -1365,7 +1368,7 @@ async def _ollama_chat(request: web.Request) -> web.StreamResponse:
 
 async def _ollama_infer(request: web.Request, chat: bool) -> web.StreamResponse:
     sim = _sim(request)
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         return _ollama_error(400, err)
     name = req.get("model")
@@ -1392,7 +1395,7 @@ async def _ollama_infer(request: web.Request, chat: bool) -> web.StreamResponse:
         return await _ollama_load_unload(request, sim, m, name, chat, keep_alive)
     options = req.get("options") if isinstance(req.get("options"), dict) else {}
     limit = _positive_int(options.get("num_predict"))
-    plan = sim.plan(m, name, text, limit, body, keep_alive)
+    plan = sim.plan(m, name, text, limit, keep_alive)
     framer = _OllamaFramer(sim, plan, chat=chat, raw=bool(req.get("raw")))
     return await sim.run(request, plan, framer, stream=req.get("stream") is not False)
 
@@ -1452,10 +1455,10 @@ def _embedding(rng: random.Random, dim: int) -> list[float]:
 
 
 async def _embed_common(
-    request: web.Request, m: _Model, name: str, inputs: list[str], body: bytes
+    request: web.Request, m: _Model, name: str, inputs: list[str]
 ) -> tuple[_Plan, list[list[float]]] | web.Response:
     sim = _sim(request)
-    plan = sim.plan(m, name, "".join(inputs), 0, body)
+    plan = sim.plan(m, name, "".join(inputs), 0)
     plan.pieces = []
     plan.prompt_tokens = sum(_count_tokens(s) for s in inputs)
     try:
@@ -1497,7 +1500,7 @@ def _inputs(value: Any) -> list[str] | None:
 
 async def _ollama_embed(request: web.Request) -> web.StreamResponse:
     sim = _sim(request)
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         return _ollama_error(400, err)
     name = req.get("model")
@@ -1508,7 +1511,7 @@ async def _ollama_embed(request: web.Request) -> web.StreamResponse:
     inputs = _inputs(req.get("input", []))
     if inputs is None:
         return _ollama_error(400, "invalid input type")
-    res = await _embed_common(request, m, name, inputs, body)
+    res = await _embed_common(request, m, name, inputs)
     if isinstance(res, web.Response):
         return res
     plan, vectors = res
@@ -1522,7 +1525,7 @@ async def _ollama_embed(request: web.Request) -> web.StreamResponse:
 
 async def _ollama_embeddings(request: web.Request) -> web.StreamResponse:
     sim = _sim(request)
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         return _ollama_error(400, err)
     name = req.get("model")
@@ -1533,7 +1536,7 @@ async def _ollama_embeddings(request: web.Request) -> web.StreamResponse:
         return _ollama_error(404, f'model "{name}" not found, try pulling it first')
     assert isinstance(name, str)
     prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
-    res = await _embed_common(request, m, name, [prompt] if prompt else [], body)
+    res = await _embed_common(request, m, name, [prompt] if prompt else [])
     if isinstance(res, web.Response):
         return res
     _plan, vectors = res
@@ -1627,7 +1630,7 @@ async def _openai_completions(request: web.Request) -> web.StreamResponse:
 async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
     sim = _sim(request)
     llama = sim.cfg.openai_flavor == "llama.cpp"
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         if llama:
             return _llama_error(400, err, "invalid_request_error")
@@ -1653,7 +1656,7 @@ async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
             return _oai_error(404, f"model '{name if isinstance(name, str) else ''}' not found")
     assert isinstance(name, str)
     limit = _positive_int(req.get("max_tokens")) or _positive_int(req.get("max_completion_tokens"))
-    plan = sim.plan(m, name, text, limit, body)
+    plan = sim.plan(m, name, text, limit)
     so = req.get("stream_options")
     include_usage = isinstance(so, dict) and so.get("include_usage") is True
     framer: _Framer
@@ -1668,7 +1671,7 @@ async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
 
 async def _openai_embeddings(request: web.Request) -> web.StreamResponse:
     sim = _sim(request)
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         return _oai_error(400, err, "invalid_request_error", gin=True)
     raw_input = req.get("input")
@@ -1680,7 +1683,7 @@ async def _openai_embeddings(request: web.Request) -> web.StreamResponse:
     if m is None:
         return _oai_error(404, f'model "{name}" not found, try pulling it first')
     assert isinstance(name, str)
-    res = await _embed_common(request, m, name, inputs, body)
+    res = await _embed_common(request, m, name, inputs)
     if isinstance(res, web.Response):
         return _oai_error(503, _OLLAMA_BUSY)
     plan, vectors = res
@@ -1710,7 +1713,7 @@ async def _openai_models(request: web.Request) -> web.Response:
 
 async def _llama_completion(request: web.Request) -> web.StreamResponse:
     sim = _sim(request)
-    body, req, err = await _json_body(request)
+    _, req, err = await _json_body(request)
     if req is None:
         return _llama_error(400, err or "Invalid request", "invalid_request_error")
     prompt = req.get("prompt")
@@ -1725,7 +1728,7 @@ async def _llama_completion(request: web.Request) -> web.StreamResponse:
     m = next(iter(sim.sched.models.values()))
     n_predict = req.get("n_predict", -1)
     limit = _positive_int(n_predict)
-    plan = sim.plan(m, sim.llama_model, text, limit, body)
+    plan = sim.plan(m, sim.llama_model, text, limit)
     stream = req.get("stream") is True
     framer = _LlamaFramer(sim, plan, stream, n_predict if isinstance(n_predict, int) else -1)
     return await sim.run(request, plan, framer, stream=stream)
