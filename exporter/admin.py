@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
 from exporter.gpu import GpuSampler
 from exporter.state import LiveState, ModelState
+from exporter.telemetry.exposition import render
 from exporter.upstream.monitor import UpstreamMonitor
 
 
@@ -28,9 +28,9 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
     started = time.time()
 
     async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        # Rendering walks every series: do it off the event loop so live streams keep moving.
-        body = await asyncio.get_running_loop().run_in_executor(None, encoder, registry)
+        # Rendering walks every series: it happens in a forked child, so live streams keep
+        # moving (exporter/telemetry/exposition.py).
+        body, content_type = await render(registry, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(request: web.Request) -> web.Response:

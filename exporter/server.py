@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 
 import structlog
 from aiohttp import web
@@ -140,6 +141,12 @@ class Sidecar:
 
 async def serve(settings: Settings) -> None:
     """Run a sidecar until SIGTERM or SIGINT."""
+    # The relay shares the GIL with threads that keep it busy: span export (protobuf encoding
+    # on the batch thread), the GPU sampler. Each time the event loop comes back from a system
+    # call it may queue for the GIL for up to the switch interval, several times per relayed
+    # chunk. Measured here beside a busy Python thread: loop lag p99 13 ms at the default 5 ms
+    # interval, 1 ms at 0.5 ms.
+    sys.setswitchinterval(0.0005)
     sidecar = Sidecar(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
