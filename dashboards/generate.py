@@ -303,7 +303,88 @@ def gpu() -> dict[str, Any]:
                      "are doing, sampled through NVML.", panels)
 
 
-DASHBOARDS = {"llmtap-overview.json": overview, "llmtap-gpu.json": gpu}
+def routing() -> dict[str, Any]:
+    """The router (`llmtap route`): where requests went and why, how good its estimates are,
+    backend health, and what the cloud costs."""
+    lay = Layout()
+
+    def series(title: str, description: str, unit: str, targets: list[dict[str, Any]],
+               width: int = 12) -> dict[str, Any]:
+        return panel(lay, "timeseries", title, description, unit, targets, width=width)
+
+    def by(label: str, metric: str, selector: str = SEL) -> str:
+        return f"sum by ({label}) ({rate(metric, selector)})"
+
+    def est(q: float, histogram: str) -> str:
+        return quantile(q, histogram, "backend", SEL)
+
+    panels = [
+        lay.row("Decisions"),
+        series("Requests by backend", "Requests routed per second, by the backend that served "
+               "them ('none': refused).", "reqps",
+               [target(by("backend", "llmtap_router_decisions_total"), "{{backend}}")]),
+        series("Requests by reason", "Why the router chose as it did: policy, light, heavy, "
+               "spill, local_only, budget_exhausted, ...", "reqps",
+               [target(by("reason", "llmtap_router_decisions_total"), "{{reason}}")]),
+        series("Spills to the cloud", "Light requests sent to the cloud because the local "
+               "fleet was over the route's TTFT SLO.", "reqps",
+               [target(by("route", "llmtap_router_spills_total"), "{{route}}")], width=8),
+        series("Routes spilling", "1 while a hybrid route sends its light requests to the "
+               "cloud.", "none", [target(f"max by (route) (llmtap_router_spilling{{{SEL}}})",
+                                         "{{route}}")], width=8),
+        series("Classifier", "Hybrid-route requests by class.", "reqps",
+               [target(by("class", "llmtap_router_classifications_total"), "{{class}}")],
+               width=8),
+        lay.row("Estimates"),
+        series("Estimated vs actual TTFT (p50)", "The policy's expected time to first token "
+               "for the backend it chose, and the TTFT then measured, per backend.", "s",
+               [target(est(0.5, "llmtap_router_estimated_ttft_seconds"),
+                       "estimated {{backend}}"),
+                target(est(0.5, "llmtap_router_actual_ttft_seconds"), "actual {{backend}}")]),
+        series("Actual / estimated TTFT", "Per request, measured TTFT divided by the estimate: "
+               "1 is exact, above 1 the router was optimistic.", "none",
+               [target(est(0.5, "llmtap_router_ttft_estimate_ratio"), "p50 {{backend}}"),
+                target(est(0.9, "llmtap_router_ttft_estimate_ratio"), "p90 {{backend}}")]),
+        series("Time to first token at the router", "Arrival at the router to first token, "
+               "all backends (the sidecar's histogram, measured at the router).", "s",
+               [target(quantile(q, "gen_ai_server_time_to_first_token_seconds",
+                                "gen_ai_request_model"),
+                       f"p{int(q * 100)} {{{{gen_ai_request_model}}}}", exemplar=True)
+                for q in (0.5, 0.95, 0.99)], width=24),
+        lay.row("Backends"),
+        series("Backend up", "1 when the backend can take requests: breaker closed, fresh "
+               "state, server up (cloud: key, breaker, budget).", "none",
+               [target(f"min by (backend) (llmtap_router_backend_up{{{SEL}}})",
+                       "{{backend}}")], width=8),
+        series("In flight per backend", "This router's unfinished requests at each backend.",
+               "short", [target(f"sum by (backend) (llmtap_router_backend_in_flight{{{SEL}}})",
+                                "{{backend}}")], width=8),
+        series("Ejections and retries", "Circuit-breaker ejections, and requests re-sent to the "
+               "next backend before the first byte (connect failure, busy).", "short",
+               [target("sum by (backend) (increase(llmtap_router_backend_ejections_total"
+                       f"{{{SEL}}}[$__rate_interval]))", "ejected {{backend}}"),
+                target("sum by (backend, reason) (increase(llmtap_router_retries_total"
+                       f"{{{SEL}}}[$__rate_interval]))", "retry {{backend}} {{reason}}")],
+               width=8),
+        lay.row("Cloud"),
+        series("Cloud cost per hour", "Spend rate from the configured prices (currency units "
+               "per hour).", "short",
+               [target(f"{by('backend', 'llmtap_router_cloud_cost_total')} * 3600",
+                       "{{backend}}")], width=8),
+        series("Cloud tokens", "Tokens per second to and from cloud backends.", "short",
+               [target(by("backend, type", "llmtap_router_cloud_tokens_total"),
+                       "{{backend}} {{type}}")], width=8),
+        series("Cloud budget left", "Budget remaining in the current period.", "short",
+               [target(f"min by (backend) (llmtap_router_cloud_budget_remaining{{{SEL}}})",
+                       "{{backend}}")], width=8),
+    ]
+    return dashboard("llmtap-routing", "llmtap routing", "The llmtap router: decisions, "
+                     "spills to the cloud, estimated vs actual TTFT, backend health and cloud "
+                     "cost.", panels)
+
+
+DASHBOARDS = {"llmtap-overview.json": overview, "llmtap-gpu.json": gpu,
+              "llmtap-routing.json": routing}
 
 
 def render(build: Any) -> str:

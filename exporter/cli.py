@@ -1,4 +1,4 @@
-"""`llmtap serve | simulate | demo`: the command line."""
+"""`llmtap serve | route | simulate | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models resident at once, 0 = no limit; loading one more evicts "
                              "the least recently used (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="make every answer deterministic for a given request body")
+                        help="make every answer deterministic for a given request (model, prompt, "
+                             "length limit), however its JSON is spelled")
 
 
 def _simulator_config(args: argparse.Namespace) -> Any:
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="HOST:PORT", help="address to serve on (default: "
                           "127.0.0.1:11434, Ollama's port)")
     _add_simulator_arguments(simulate)
+
+    route = commands.add_parser(
+        "route", help="run the router: load-aware routing across sidecars, cloud spillover",
+        description="Serve the OpenAI-compatible and Ollama APIs and send each request to the "
+                    "backend that will answer soonest (docs/routing.md).")
+    route.add_argument("--config", required=True, metavar="FILE",
+                       help="router YAML file: listen addresses, backends, cloud, routes")
 
     from exporter.gpu import add_gpu_command
 
@@ -150,6 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure(settings.log_level, settings.log_format)
             try:
                 _run(serve(settings))
+            except StartupError as exc:
+                print(f"llmtap: error: {exc}", file=sys.stderr)
+                return 1
+        elif args.command == "route":
+            from exporter.routing.config import load_config
+            from exporter.routing.service import route
+            from exporter.server import StartupError
+            from exporter.telemetry.logs import configure
+
+            router_config = load_config(args.config)
+            configure(router_config.log_level, router_config.log_format)
+            try:
+                _run(route(router_config))
             except StartupError as exc:
                 print(f"llmtap: error: {exc}", file=sys.stderr)
                 return 1

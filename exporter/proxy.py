@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -53,6 +53,11 @@ REPLAYABLE_BODY_LIMIT = 1 << 20
 
 Sink = Callable[[RequestRecord], None]
 Body = bytes | AsyncIterable[bytes] | None
+# Sends one request and returns the upstream's response head (the body still unread). The
+# sidecar sends to its one upstream; the router (exporter/routing) picks a backend per
+# request and may try several before any byte of an answer reaches the client.
+Dispatch = Callable[[web.Request, RequestRecord, CIMultiDict[str], Body, bool],
+                    Awaitable[aiohttp.ClientResponse]]
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -129,10 +134,12 @@ class Deadline:
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, error_type: str, status: int, message: str) -> None:
+    def __init__(self, error_type: str, status: int, message: str,
+                 kind: str = "upstream_unavailable") -> None:
         super().__init__(message)
         self.error_type = error_type
         self.status = status
+        self.kind = kind  # the error type the client's dialect names (errors.error_body)
 
 
 class BodyTooLarge(Exception):
@@ -196,8 +203,10 @@ class Relay:
                  on_retry: Callable[[], None] | None = None,
                  tracing: Tracing | None = None, keys: ApiKeys | None = None,
                  on_rejected: Callable[[], None] | None = None,
-                 max_waiting_per_model: int = 0, max_body_bytes: int = 64 << 20) -> None:
+                 max_waiting_per_model: int = 0, max_body_bytes: int = 64 << 20,
+                 dispatch: Dispatch | None = None) -> None:
         self._base = upstream_url.rstrip("/")
+        self._dispatch: Dispatch = dispatch if dispatch is not None else self._to_upstream
         self._keys = keys
         self._on_rejected = on_rejected
         self._max_waiting = max_waiting_per_model
@@ -233,15 +242,23 @@ class Relay:
             if session is not None:
                 await session.close()
 
-    async def _send(self, request: web.Request, headers: CIMultiDict[str], body: Body,
-                    replayable: bool) -> aiohttp.ClientResponse:
+    async def _to_upstream(self, request: web.Request, record: RequestRecord,
+                           headers: CIMultiDict[str], body: Body,
+                           replayable: bool) -> aiohttp.ClientResponse:
+        return await self.send(self._base + request.raw_path, request.method, headers, body,
+                               replayable)
+
+    async def send(self, url_text: str, method: str, headers: CIMultiDict[str], body: Body,
+                   replayable: bool) -> aiohttp.ClientResponse:
+        """Send one request to `url_text` (already encoded), retrying once on a fresh
+        connection when a pooled one turns out dead before any response byte."""
         assert self._session is not None and self._fresh_session is not None
-        url = URL(self._base + request.raw_path, encoded=True)
+        url = URL(url_text, encoded=True)
         session = self._session
         for attempt in (0, 1):
             try:
                 return await session.request(
-                    request.method, url, headers=headers, data=body, allow_redirects=False,
+                    method, url, headers=headers, data=body, allow_redirects=False,
                     skip_auto_headers=NO_AUTO_HEADERS)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 raise UpstreamFailure(rec.UPSTREAM_CONNECT, 502,
@@ -328,7 +345,7 @@ class Relay:
             record.overhead += record.dispatched - started
 
             deadline = Deadline(self._first_byte_timeout)
-            upstream = await self._send(request, headers, body, replayable)
+            upstream = await self._dispatch(request, record, headers, body, replayable)
             now = record.upstream_sent = perf_counter()
             deadline.rearm(self._idle_timeout, now)
             status = record.status = upstream.status
@@ -388,7 +405,7 @@ class Relay:
                 return await self._too_large(request, record)
             record.error_type = failure.error_type
             return await self._fail(request, record, failure.status, str(failure),
-                                    "upstream_unavailable")
+                                    failure.kind)
         except asyncio.CancelledError:
             if deadline is None or not deadline.expired:
                 record.error_type = rec.CANCELLED  # the client went away (or shutdown)

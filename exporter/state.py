@@ -28,6 +28,7 @@ class ModelState:
         "error_rate",
         "errors",
         "in_flight",
+        "load_seconds",
         "requests",
         "tpot",
         "ttft",
@@ -42,6 +43,7 @@ class ModelState:
         self.ttft: float | None = None
         self.tpot: float | None = None
         self.decode_tps: float | None = None
+        self.load_seconds: float | None = None  # cold loads seen (the router's load cost)
         self.error_rate = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -56,6 +58,7 @@ class ModelState:
                 "ttft_seconds": self.ttft,
                 "tpot_seconds": self.tpot,
                 "decode_tokens_per_second": self.decode_tps,
+                "load_seconds": self.load_seconds,
             },
         }
 
@@ -104,6 +107,8 @@ class LiveState:
             return
         if (ttft := record.ttft) is not None:
             settled.ttft = _ewma(settled.ttft, ttft)
+        if (load := record.cold_load) is not None:
+            settled.load_seconds = _ewma(settled.load_seconds, load)
         if (tpot := record.tpot) is not None and tpot > 0:
             settled.tpot = _ewma(settled.tpot, tpot)
             settled.decode_tps = _ewma(settled.decode_tps, 1.0 / tpot)

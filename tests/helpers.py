@@ -151,6 +151,31 @@ class Llmtap(Process):
             return orjson.loads(resp.read())
 
 
+class LlmtapRouter(Process):
+    """`llmtap route` on loopback ports, from the rest of its YAML config."""
+
+    def __init__(self, config: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        fd, name = tempfile.mkstemp(prefix="llmtap-router-", suffix=".yaml")
+        self.config_path = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"listen: 127.0.0.1:{self.port}\nadmin_listen: 127.0.0.1:{self.admin_port}\n"
+                    + config)
+        super().__init__([sys.executable, "-m", "exporter", "route", "--config", name], env=env)
+        self.wait_until_up(lambda: wait_http(self.admin + "/readyz", 30, self.proc, self.log))
+
+    def stop(self) -> None:
+        super().stop()
+        self.config_path.unlink(missing_ok=True)
+
+    def metrics(self) -> Metrics:
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as resp:
+            return Metrics(resp.read().decode())
+
+
 class Metrics:
     """Samples of one scrape; `value` sums every sample whose labels include the given ones."""
 

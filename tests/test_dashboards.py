@@ -32,7 +32,8 @@ def test_committed_json_is_what_the_generator_writes() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "dashboards" / "generate.py"),
                              "--check"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in DASHBOARDS} == {"llmtap-overview.json", "llmtap-gpu.json"}
+    assert {p.name for p in DASHBOARDS} == {"llmtap-overview.json", "llmtap-gpu.json",
+                                            "llmtap-routing.json"}
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)

@@ -1,8 +1,9 @@
 """Every dashboard query, evaluated by a real Prometheus scraping real llmtaps.
 
 Prometheus (Debian's package, installed by scripts/test) scrapes the llmtap in front of the
-real llama-server and the one in front of the simulator (Ollama-only series); after some
-traffic, each query of each panel, variables substituted, must parse and return data.
+real llama-server, the one in front of the simulator (Ollama-only series) and a router over
+the latter (with the simulator as its cloud); after some traffic, each query of each panel,
+variables substituted, must parse and return data.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.helpers import Llmtap, Process, free_port, wait_http
+from tests.helpers import Llmtap, LlmtapRouter, Process, Simulator, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPE = "1s"
@@ -65,8 +66,23 @@ def queries() -> list[tuple[str, str, str, str]]:
     return out
 
 
-async def traffic(session: aiohttp.ClientSession, sim_tap: Llmtap, llama_tap: Llmtap) -> None:
+def router_over(sim: Simulator, sim_tap: Llmtap) -> LlmtapRouter:
+    return LlmtapRouter(
+        f"backends: [{{name: local, proxy_url: '{sim_tap.url}', admin_url: '{sim_tap.admin}'}}]\n"
+        f"cloud: [{{name: cloud, base_url: '{sim.url}/v1', api_key_env: DASH_CLOUD_KEY,\n"
+        "          models: {auto-heavy: sim-large}, price_per_input_token: 0.000001,\n"
+        "          price_per_output_token: 0.000002, budget: 100}]\n"
+        "routes: [{model: auto, hybrid: {light: sim-small, heavy: auto-heavy}}]\n",
+        env={"DASH_CLOUD_KEY": "sk-dash"})
+
+
+async def traffic(session: aiohttp.ClientSession, sim_tap: Llmtap, llama_tap: Llmtap,
+                  router: LlmtapRouter) -> None:
     chat = [{"role": "user", "content": "hi"}]
+    for text in ("hi", "Prove step by step that 7 is prime"):  # light (local), heavy (cloud)
+        async with session.post(router.url + "/api/chat", json={
+                "model": "auto", "messages": [{"role": "user", "content": text}]}) as resp:
+            await resp.read()
     for _ in range(3):
         for model in ("sim-small", "sim-large"):
             async with session.post(sim_tap.url + "/api/chat",
@@ -84,10 +100,13 @@ async def traffic(session: aiohttp.ClientSession, sim_tap: Llmtap, llama_tap: Ll
             await resp.read()
 
 
-async def test_every_dashboard_query_returns_data(sim_tap: Llmtap, llama_tap: Llmtap) -> None:
+async def test_every_dashboard_query_returns_data(sim: Simulator, sim_tap: Llmtap,
+                                                  llama_tap: Llmtap) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmtap-prom-"))
     port = free_port()
-    targets = [sim_tap.admin.removeprefix("http://"), llama_tap.admin.removeprefix("http://")]
+    router = router_over(sim, sim_tap)
+    targets = [sim_tap.admin.removeprefix("http://"), llama_tap.admin.removeprefix("http://"),
+               router.admin.removeprefix("http://")]
     (work / "prometheus.yml").write_text(
         "global:\n"
         f"  scrape_interval: {SCRAPE}\n"
@@ -104,9 +123,9 @@ async def test_every_dashboard_query_returns_data(sim_tap: Llmtap, llama_tap: Ll
         await asyncio.get_running_loop().run_in_executor(
             None, wait_http, base + "/-/ready", 60, server.proc, server.log)
         async with aiohttp.ClientSession() as session:
-            await traffic(session, sim_tap, llama_tap)
+            await traffic(session, sim_tap, llama_tap, router)
             await asyncio.sleep(5)  # several scrapes after the traffic
-            await traffic(session, sim_tap, llama_tap)
+            await traffic(session, sim_tap, llama_tap, router)
             await asyncio.sleep(4)
             missing: list[str] = []
             checked = 0
@@ -124,6 +143,7 @@ async def test_every_dashboard_query_returns_data(sim_tap: Llmtap, llama_tap: Ll
             assert not missing, "queries without data:\n" + "\n".join(missing)
     finally:
         server.stop()
+        router.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.config import OPTIONS
-from tests.helpers import Llmtap, Metrics, catalogued_names
+from tests.helpers import Llmtap, LlmtapRouter, Metrics, Simulator, catalogued_names
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 README = (ROOT_DIR / "README.md").read_text()
@@ -58,11 +58,13 @@ def test_operations_page_cites_tests_that_exist() -> None:
                    if p.endswith(".py")), name
 
 
-def test_every_catalogued_metric_is_really_exported(sim_tap: Llmtap, llama_tap: Llmtap) -> None:
+def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llmtap,
+                                                    llama_tap: Llmtap) -> None:
     """The reverse of the check above: every name in the README's catalogue (which dashboards
     and alert rules are checked against) is in a live registry. GPU series come from the
-    sampler over the fake NVML, the span counter from a Tracing instance; the vLLM-only KV
-    cache gauge from the vLLM mapping test's upstream is named below."""
+    sampler over the fake NVML, the span counter from a Tracing instance, the router's from
+    `llmtap route` over the simulator's sidecar (with the simulator as its cloud); the
+    vLLM-only KV cache gauge from the vLLM mapping test's upstream is named below."""
     import re
     import urllib.request
 
@@ -79,7 +81,7 @@ def test_every_catalogued_metric_is_really_exported(sim_tap: Llmtap, llama_tap: 
                                     timeout=60) as resp:  # so request series exist
             resp.read()
     exported: set[str] = set()
-    texts = [sim_tap.metrics().text, llama_tap.metrics().text]
+    texts = [sim_tap.metrics().text, llama_tap.metrics().text, _router_metrics(sim, sim_tap)]
     registry = CollectorRegistry()
     sampler = GpuSampler(nvml=FakeNvml(two_gpus()))
     sampler.latest = sampler.sample_once()
@@ -137,3 +139,25 @@ def test_every_catalogued_metric_is_really_exported(sim_tap: Llmtap, llama_tap: 
             used.add(label_values)
     unknown = used - known_labels
     assert not unknown, f"dashboards or rules use labels llmtap does not export: {unknown}"
+
+
+def _router_metrics(sim: Simulator, sim_tap: Llmtap) -> str:
+    """A router's scrape after one light (local) and one heavy (cloud) request."""
+    import urllib.request
+
+    config = (
+        f"backends: [{{name: local, proxy_url: '{sim_tap.url}', admin_url: '{sim_tap.admin}'}}]\n"
+        f"cloud: [{{name: cloud, base_url: '{sim.url}/v1', api_key_env: DOCS_CLOUD_KEY,\n"
+        "          models: {auto-heavy: sim-large}, budget: 100}]\n"
+        "routes: [{model: auto, hybrid: {light: sim-small, heavy: auto-heavy}}]\n")
+    router = LlmtapRouter(config, env={"DOCS_CLOUD_KEY": "sk-docs"})
+    try:
+        for text in ("hi", "Prove step by step that 2 is prime"):
+            body = b'{"model":"auto","messages":[{"role":"user","content":"%s"}]}' % \
+                text.encode()
+            with urllib.request.urlopen(urllib.request.Request(
+                    router.url + "/v1/chat/completions", data=body), timeout=30) as resp:
+                resp.read()
+        return router.metrics().text
+    finally:
+        router.stop()

@@ -1,0 +1,1 @@
+"""Routing benchmark: a discrete-event simulator driving the real policies."""

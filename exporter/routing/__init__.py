@@ -1,0 +1,1 @@
+"""The router: sends each request to the backend that will serve it soonest."""

@@ -1,0 +1,359 @@
+"""`llmtap route --config router.yaml`: the router's YAML file, read into frozen dataclasses.
+
+Every key is checked here, once, at startup: an unknown key, a wrong type or a reference to
+something that does not exist (a policy, a cloud model alias) is a ConfigError naming the key
+by its path (`routes[1].hybrid.slo_ttft`), so a typo never turns into a silent default.
+docs/routing.md lists every key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    HostPort,
+    parse_host_port,
+    parse_upstream,
+)
+from exporter.routing.policies import DEFAULT_POLICY, POLICIES
+
+RESIDENCIES = ("any", "local")
+BUDGET_PERIODS = ("day", "total")
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """One llmtap sidecar: where clients' requests go and where its state is read."""
+
+    name: str
+    proxy_url: str
+    admin_url: str
+    parallel: int | None = None  # requests its server runs at once per model; None: ask it
+
+
+@dataclass(frozen=True)
+class DnsSpec:
+    """Sidecars found by resolving a name (a Kubernetes headless service): one per address."""
+
+    dns: str
+    proxy_port: int = 11435
+    admin_port: int = 9464
+    refresh_interval: float = 10.0
+    scheme: str = "http"
+    parallel: int | None = None
+
+
+@dataclass(frozen=True)
+class CloudSpec:
+    name: str
+    base_url: str  # OpenAI-compatible, with its version prefix: https://api.openai.com/v1
+    api_key_env: str
+    models: Mapping[str, str]  # alias clients (and routes) use -> the provider's model name
+    price_per_input_token: float = 0.0
+    price_per_output_token: float = 0.0
+    budget: float | None = None  # currency units per budget_period; None: no limit
+    budget_period: str = "day"  # "day" (resets at 00:00 UTC) or "total" (since start)
+    rate_limit: float | None = None  # requests per second; None: no limit
+    expected_ttft: float = 1.0  # seconds, the estimate used before any answer was measured
+
+    @property
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "")
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    light: str  # local model for light requests
+    heavy: str  # cloud model alias (a key of some cloud's `models`) for heavy ones
+    slo_ttft: float = 2.0  # spill light requests to `heavy` when the best local E[TTFT] exceeds it
+    hysteresis: float = 0.25  # stop spilling only once E[TTFT] < slo_ttft x (1 - hysteresis)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    model: str  # exact model name or a glob ("*", "llama*")
+    policy: str = DEFAULT_POLICY
+    hybrid: HybridSpec | None = None
+    residency: str = "any"  # "local": never leaves the local fleet
+
+    def matches(self, model: str) -> bool:
+        return self.model == model or fnmatch.fnmatchcase(model, self.model)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """The rule-based light/heavy classifier's thresholds, or a plugin by dotted path."""
+
+    plugin: str = ""  # "package.module:callable" (or package.module.callable)
+    long_prompt_chars: int = 8000
+    heavy_max_tokens: int = 2048
+    code_markers: bool = True
+    reasoning_markers: bool = True
+
+
+@dataclass(frozen=True)
+class BreakerSpec:
+    failures: int = 3  # consecutive failed requests or polls that eject a backend
+    cooldown: float = 5.0  # seconds ejected before a probe; doubles per failed probe
+    max_cooldown: float = 60.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    listen: HostPort = field(default_factory=lambda: parse_host_port("0.0.0.0:8080"))
+    admin_listen: HostPort = field(default_factory=lambda: parse_host_port("0.0.0.0:9465"))
+    poll_interval: float = 0.5
+    stale_after: float = 1.5
+    backends: tuple[SidecarSpec, ...] = ()
+    dns: tuple[DnsSpec, ...] = ()
+    cloud: tuple[CloudSpec, ...] = ()
+    routes: tuple[RouteSpec, ...] = ()
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    breaker: BreakerSpec = field(default_factory=BreakerSpec)
+    expected_output_tokens: int = 256
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    access_log: bool = True
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def route_for(self, model: str) -> RouteSpec:
+        """Exact names win over globs; globs are tried in file order; nothing: the default."""
+        for route in self.routes:
+            if route.model == model:
+                return route
+        for route in self.routes:
+            if route.matches(model):
+                return route
+        return DEFAULT_ROUTE
+
+    def cloud_for(self, alias: str) -> CloudSpec | None:
+        for cloud in self.cloud:
+            if alias in cloud.models:
+                return cloud
+        return None
+
+
+DEFAULT_ROUTE = RouteSpec(model="*")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Section:
+    """One mapping of the file, read key by key; `done()` rejects keys nobody asked for."""
+
+    def __init__(self, raw: Any, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where or 'the config'}: expected a mapping, got "
+                              f"{type(raw).__name__}")
+        self.raw = raw
+        self.where = where
+        self.seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.raw or self.raw[key] is None:
+            if required:
+                raise ConfigError(f"{self.path(key)} is required")
+            return default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.path(key)}: expected {names}, got {value!r}")
+        return value
+
+    def positive(self, key: str, default: float | None, allow_zero: bool = False) -> Any:
+        value = self.get(key, float, default)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"{self.path(key)}: expected a number > 0, got {value!r}")
+        return value
+
+    def count(self, key: str, default: int | None, minimum: int = 1) -> Any:
+        value = self.get(key, int, default)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{self.path(key)}: expected a whole number ≥ {minimum}, "
+                              f"got {value!r}")
+        return value
+
+    def url(self, key: str, required: bool = True) -> str:
+        text = self.get(key, str, required=required)
+        try:
+            return parse_upstream(text)
+        except ValueError as exc:
+            raise ConfigError(f"{self.path(key)}: {exc}") from None
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise ConfigError(f"{self.path(key)}: expected one of {', '.join(options)}, "
+                              f"got {value!r}")
+        return str(value)
+
+    def host_port(self, key: str, default: str) -> HostPort:
+        text = self.get(key, (str, int), default)
+        try:
+            return parse_host_port(str(text) if not isinstance(text, int) else f":{text}")
+        except ValueError as exc:
+            raise ConfigError(f"{self.path(key)}: {exc}") from None
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen, key=str)
+        if unknown:
+            raise ConfigError(f"{self.path(str(unknown[0]))}: unknown key (known here: "
+                              f"{', '.join(sorted(self.seen))})")
+
+
+def _items(section: _Section, key: str) -> list[tuple[Any, str]]:
+    items = section.get(key, list, [])
+    return [(item, f"{section.path(key)}[{i}]") for i, item in enumerate(items)]
+
+
+def _backend(raw: Any, where: str) -> SidecarSpec | DnsSpec:
+    s = _Section(raw, where)
+    if "dns" in s.raw:
+        spec: SidecarSpec | DnsSpec = DnsSpec(
+            dns=s.get("dns", str, required=True),
+            proxy_port=s.count("proxy_port", 11435), admin_port=s.count("admin_port", 9464),
+            refresh_interval=s.positive("refresh_interval", 10.0),
+            scheme=s.choice("scheme", ("http", "https"), "http"),
+            parallel=s.count("parallel", None))
+    else:
+        spec = SidecarSpec(name=s.get("name", str, required=True),
+                           proxy_url=s.url("proxy_url"), admin_url=s.url("admin_url"),
+                           parallel=s.count("parallel", None))
+    s.done()
+    return spec
+
+
+def _cloud(raw: Any, where: str) -> CloudSpec:
+    s = _Section(raw, where)
+    models = s.get("models", dict, required=True)
+    if not models or not all(isinstance(k, str) and isinstance(v, str)
+                             for k, v in models.items()):
+        raise ConfigError(f"{s.path('models')}: expected a non-empty mapping of alias: "
+                          "provider model name")
+    spec = CloudSpec(
+        name=s.get("name", str, required=True), base_url=s.url("base_url"),
+        api_key_env=s.get("api_key_env", str, required=True), models=dict(models),
+        price_per_input_token=s.positive("price_per_input_token", 0.0, allow_zero=True),
+        price_per_output_token=s.positive("price_per_output_token", 0.0, allow_zero=True),
+        budget=s.positive("budget", None, allow_zero=True),
+        budget_period=s.choice("budget_period", BUDGET_PERIODS, "day"),
+        rate_limit=s.positive("rate_limit", None),
+        expected_ttft=s.positive("expected_ttft", 1.0))
+    s.done()
+    return spec
+
+
+def _route(raw: Any, where: str) -> RouteSpec:
+    s = _Section(raw, where)
+    policy = s.get("policy", str, DEFAULT_POLICY)
+    if policy not in POLICIES:
+        raise ConfigError(f"{s.path('policy')}: unknown policy {policy!r} (known: "
+                          f"{', '.join(sorted(POLICIES))})")
+    hybrid = None
+    if (raw_hybrid := s.get("hybrid", dict)) is not None:
+        h = _Section(raw_hybrid, s.path("hybrid"))
+        hysteresis = h.positive("hysteresis", 0.25, allow_zero=True)
+        if hysteresis >= 1:
+            raise ConfigError(f"{h.path('hysteresis')}: expected a fraction in [0, 1), "
+                              f"got {hysteresis!r}")
+        hybrid = HybridSpec(light=h.get("light", str, required=True),
+                            heavy=h.get("heavy", str, required=True),
+                            slo_ttft=h.positive("slo_ttft", 2.0), hysteresis=hysteresis)
+        h.done()
+    spec = RouteSpec(model=s.get("model", str, required=True), policy=policy, hybrid=hybrid,
+                     residency=s.choice("residency", RESIDENCIES, "any"))
+    s.done()
+    return spec
+
+
+def parse_config(raw: Any) -> RouterConfig:
+    s = _Section(raw if raw is not None else {}, "")
+    poll = s.positive("poll_interval", 0.5)
+    backends: list[SidecarSpec] = []
+    dns: list[DnsSpec] = []
+    for item, where in _items(s, "backends"):
+        spec = _backend(item, where)
+        (dns if isinstance(spec, DnsSpec) else backends).append(spec)  # type: ignore[arg-type]
+    names = [b.name for b in backends]
+    clouds = tuple(_cloud(item, where) for item, where in _items(s, "cloud"))
+    names += [c.name for c in clouds]
+    if (dup := next((n for n in names if names.count(n) > 1), None)) is not None:
+        raise ConfigError(f"backend name {dup!r} is used twice (backends and cloud share names)")
+    routes = tuple(_route(item, where) for item, where in _items(s, "routes"))
+    aliases = {alias for cloud in clouds for alias in cloud.models}
+    for i, route in enumerate(routes):
+        if route.hybrid is not None and route.hybrid.heavy not in aliases:
+            raise ConfigError(f"routes[{i}].hybrid.heavy: {route.hybrid.heavy!r} is no cloud "
+                              f"model alias (the `models` keys under `cloud`: "
+                              f"{', '.join(sorted(aliases)) or 'none configured'})")
+    classifier = ClassifierSpec()
+    if (raw_cls := s.get("classifier", dict)) is not None:
+        c = _Section(raw_cls, "classifier")
+        classifier = ClassifierSpec(
+            plugin=c.get("plugin", str, ""),
+            long_prompt_chars=c.count("long_prompt_chars", 8000),
+            heavy_max_tokens=c.count("heavy_max_tokens", 2048),
+            code_markers=c.get("code_markers", bool, True),
+            reasoning_markers=c.get("reasoning_markers", bool, True))
+        c.done()
+    breaker = BreakerSpec()
+    if (raw_breaker := s.get("breaker", dict)) is not None:
+        b = _Section(raw_breaker, "breaker")
+        breaker = BreakerSpec(failures=b.count("failures", 3),
+                              cooldown=b.positive("cooldown", 5.0),
+                              max_cooldown=b.positive("max_cooldown", 60.0))
+        b.done()
+    config = RouterConfig(
+        listen=s.host_port("listen", "0.0.0.0:8080"),
+        admin_listen=s.host_port("admin_listen", "0.0.0.0:9465"),
+        poll_interval=poll,
+        stale_after=s.positive("stale_after", 3 * poll),
+        backends=tuple(backends), dns=tuple(dns), cloud=clouds, routes=routes,
+        classifier=classifier, breaker=breaker,
+        expected_output_tokens=s.count("expected_output_tokens", 256),
+        connect_timeout=s.positive("connect_timeout", 5.0),
+        first_byte_timeout=s.positive("first_byte_timeout", 600.0),
+        idle_timeout=s.positive("idle_timeout", 300.0),
+        access_log=s.get("access_log", bool, True),
+        log_level=s.choice("log_level", LOG_LEVELS, "info"),
+        log_format=s.choice("log_format", LOG_FORMATS, "json"))
+    s.done()
+    if not backends and not dns and not clouds:
+        raise ConfigError("backends: at least one backend (or cloud) is required")
+    return config
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read router config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"router config {path} is not valid YAML: {exc}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,438 @@
+"""The backends the router can send to: sidecars (static or found in DNS) and cloud APIs.
+
+Each sidecar's `/llmtap/v1/state` is polled on its own task (a slow sidecar delays nobody
+else's poll); between polls the router counts its own requests there, so a burst does not all
+go to the backend that looked idle half a second ago. A circuit breaker per backend ejects one
+that keeps failing requests or polls and lets it back after a successful probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from exporter.routing.config import BreakerSpec, CloudSpec, DnsSpec, RouterConfig
+from exporter.routing.policies import Candidate
+
+log = structlog.get_logger("llmtap.router")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class Breaker:
+    """Closed → (N consecutive failures) → open for a cooldown → half-open: one probe; its
+    success closes the breaker, its failure reopens it for twice as long (up to a maximum)."""
+
+    def __init__(self, spec: BreakerSpec, clock: Callable[[], float] = time.monotonic,
+                 on_open: Callable[[], None] | None = None, name: str = "") -> None:
+        self.name = name
+        self.spec = spec
+        self.clock = clock
+        self.on_open = on_open
+        self.state = CLOSED
+        self.failures = 0
+        self.cooldown = spec.cooldown
+        self.opened_at = 0.0
+        self.ejections = 0
+
+    def eligible(self) -> bool:
+        """May a request go there now (read-only: the probe is taken by `dispatched`)?"""
+        if self.state == CLOSED:
+            return True
+        return self.state == OPEN and self.clock() - self.opened_at >= self.cooldown
+
+    def dispatched(self) -> None:
+        if self.state == OPEN and self.clock() - self.opened_at >= self.cooldown:
+            self.state = HALF_OPEN  # this request is the probe; others wait for its outcome
+
+    def success(self) -> None:
+        if self.state == OPEN and self.clock() - self.opened_at < self.cooldown:
+            return  # too early to trust it again
+        if self.state != CLOSED:
+            log.info("backend back in rotation", backend=self.name,
+                     after_s=round(self.cooldown, 3))
+        self.state = CLOSED
+        self.failures = 0
+        self.cooldown = self.spec.cooldown
+
+    def failure(self) -> None:
+        if self.state == HALF_OPEN or (self.state == OPEN and self.eligible()):
+            self.cooldown = min(self.cooldown * 2, self.spec.max_cooldown)
+            self._open()
+            return
+        if self.state == OPEN:
+            return
+        self.failures += 1
+        if self.failures >= self.spec.failures:
+            self._open()
+
+    def _open(self) -> None:
+        first = self.state == CLOSED
+        self.state = OPEN
+        self.opened_at = self.clock()
+        if first:
+            self.ejections += 1
+            if self.on_open is not None:
+                self.on_open()
+
+
+def _lookup(models: dict[str, Any], name: str) -> dict[str, Any] | None:
+    entry = models.get(name)
+    if entry is None and name and ":" not in name:
+        entry = models.get(name + ":latest")  # Ollama's tagged name for the same model
+    return entry if isinstance(entry, dict) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
+class Sidecar:
+    """One llmtap sidecar as the router sees it."""
+
+    def __init__(self, name: str, proxy_url: str, admin_url: str, parallel: int | None,
+                 breaker: Breaker) -> None:
+        self.name = name
+        self.proxy_url = proxy_url.rstrip("/")
+        self.admin_url = admin_url.rstrip("/")
+        self.parallel = parallel
+        self.breaker = breaker
+        self.state: dict[str, Any] | None = None
+        self.polled_at: float | None = None  # monotonic time of the last good poll
+        self.poll_failures = 0
+        # This router's unfinished requests per model, and what it sent since the last poll.
+        self.in_flight: dict[str, int] = {}
+        self.in_flight_at_poll: dict[str, int] = {}
+        self.sent_since_poll: dict[str, int] = {}
+
+    @property
+    def kind(self) -> str | None:
+        upstream = (self.state or {}).get("upstream") or {}
+        return upstream.get("kind")
+
+    @property
+    def upstream_up(self) -> bool:
+        upstream = (self.state or {}).get("upstream") or {}
+        return bool(upstream.get("up"))
+
+    def models(self) -> list[str]:
+        """Models its server has (its inventory), for /v1/models and the label allow-list."""
+        upstream = (self.state or {}).get("upstream") or {}
+        names = upstream.get("models")
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+    def entry(self, model: str) -> tuple[dict[str, Any] | None, bool | None]:
+        """The sidecar's state for `model` and whether its server has it (None: unknown)."""
+        models = (self.state or {}).get("models") or {}
+        if self.kind == "llama.cpp":
+            # llama-server serves its one model whatever name a request gives.
+            inventory = self.models()
+            entry = _lookup(models, inventory[0]) if len(inventory) == 1 else None
+            return entry, True
+        entry = _lookup(models, model)
+        inventory = ((self.state or {}).get("upstream") or {}).get("models")
+        if entry is not None and entry.get("installed") is not None:
+            return entry, bool(entry["installed"])
+        if isinstance(inventory, list):
+            return entry, False
+        return entry, None
+
+    def candidate(self, model: str, now: float, stale_after: float) -> Candidate:
+        entry, has_model = self.entry(model)
+        entry = entry or {}
+        ewma = entry.get("ewma") or {}
+        loaded = entry.get("loaded")
+        if self.kind == "llama.cpp":
+            loaded = True  # its one model is resident while the server is up
+        parallel = self.parallel
+        if parallel is None:
+            queue = ((self.state or {}).get("upstream") or {}).get("queue") or {}
+            slots = queue.get("slots_total")
+            parallel = slots if isinstance(slots, int) and slots > 0 else 1
+        return Candidate(
+            backend=self.name,
+            healthy=self.breaker.eligible() and (self.state is None or self.upstream_up),
+            stale=self.polled_at is None or now - self.polled_at > stale_after,
+            has_model=has_model,
+            loaded=loaded if isinstance(loaded, bool) else None,
+            waiting=int(entry.get("waiting") or 0),
+            in_flight=int(entry.get("in_flight") or 0),
+            router_in_flight=self.in_flight.get(model, 0),
+            router_sent_since_poll=self.sent_since_poll.get(model, 0),
+            ttft=_number(ewma.get("ttft_seconds")),
+            tpot=_number(ewma.get("tpot_seconds")),
+            load_seconds=_number(ewma.get("load_seconds")),
+            parallel=parallel,
+            router_in_flight_at_poll=self.in_flight_at_poll.get(model, 0)
+            if self.polled_at is not None else None,
+        )
+
+    def started(self, model: str) -> None:
+        self.in_flight[model] = self.in_flight.get(model, 0) + 1
+        self.sent_since_poll[model] = self.sent_since_poll.get(model, 0) + 1
+
+    def finished(self, model: str) -> None:
+        left = self.in_flight.get(model, 0) - 1
+        self.in_flight[model] = max(left, 0)
+
+    def polled(self, state: dict[str, Any], now: float) -> None:
+        self.state = state
+        self.polled_at = now
+        self.poll_failures = 0
+        self.in_flight_at_poll = dict(self.in_flight)
+        self.sent_since_poll = {}
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {"name": self.name, "proxy_url": self.proxy_url, "admin_url": self.admin_url,
+                "kind": self.kind, "upstream_up": self.upstream_up,
+                "breaker": self.breaker.state, "ejections": self.breaker.ejections,
+                "state_age_s": None if self.polled_at is None else round(now - self.polled_at, 3),
+                "router_in_flight": {m: n for m, n in self.in_flight.items() if n},
+                "models": self.models()}
+
+
+class Cloud:
+    """A frontier API: its budget, rate limit and health, and what it cost so far."""
+
+    def __init__(self, spec: CloudSpec, breaker: Breaker,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.breaker = breaker
+        self.clock = clock
+        self.spent = 0.0
+        self._period = self._period_key()
+        self._tokens = float(self._burst)
+        self._refilled = clock()
+        self.in_flight = 0
+        self.ttft: float | None = None  # EWMA of measured TTFT through the router
+
+    @property
+    def _burst(self) -> float:
+        rate = self.spec.rate_limit
+        return max(1.0, rate) if rate is not None else 0.0
+
+    def _period_key(self) -> str:
+        if self.spec.budget_period == "total":
+            return ""
+        return datetime.datetime.now(datetime.UTC).date().isoformat()
+
+    def budget_left(self) -> float | None:
+        if self.spec.budget is None:
+            return None
+        if (key := self._period_key()) != self._period:  # a new UTC day: a new budget
+            self._period = key
+            self.spent = 0.0
+        return max(0.0, self.spec.budget - self.spent)
+
+    def unusable(self) -> str:
+        """Why the cloud cannot take a request now ("" when it can)."""
+        if not self.spec.api_key:
+            return "no_api_key"
+        if not self.breaker.eligible():
+            return "cloud_unhealthy"
+        left = self.budget_left()
+        if left is not None and left <= 0:
+            return "budget_exhausted"
+        if self.spec.rate_limit is not None:
+            self._refill()
+            if self._tokens < 1:
+                return "rate_limited"
+        return ""
+
+    def _refill(self) -> None:
+        now = self.clock()
+        rate = self.spec.rate_limit or 0.0
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+
+    def take(self) -> None:
+        """Spend one request of the rate limit (a token bucket, burst = max(1, rate))."""
+        if self.spec.rate_limit is not None:
+            self._refill()
+            self._tokens -= 1
+
+    def charge(self, input_tokens: int, output_tokens: int) -> float:
+        cost = (input_tokens * self.spec.price_per_input_token
+                + output_tokens * self.spec.price_per_output_token)
+        self.budget_left()  # roll the period first, so the cost lands in the current one
+        self.spent += cost
+        return cost
+
+    def candidate(self) -> Candidate:
+        return Candidate(backend=self.name, healthy=True, has_model=True, loaded=True,
+                         router_in_flight=self.in_flight, is_cloud=True, parallel=1 << 20,
+                         ttft=self.ttft if self.ttft is not None else self.spec.expected_ttft)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "base_url": self.spec.base_url,
+                "api_key_set": bool(self.spec.api_key), "breaker": self.breaker.state,
+                "spent": round(self.spent, 9), "budget_left": self.budget_left(),
+                "in_flight": self.in_flight, "unusable": self.unusable() or None}
+
+
+def _url(scheme: str, address: str, port: int) -> str:
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    return f"{scheme}://{host}:{port}"
+
+
+Resolver = Callable[[str], Any]  # async: host -> list of addresses
+
+
+class Registry:
+    """All backends, the pollers that keep sidecar state fresh, and DNS discovery."""
+
+    def __init__(self, config: RouterConfig,
+                 on_eject: Callable[[str], None] = lambda name: None,
+                 on_change: Callable[[], None] = lambda: None,
+                 resolver: Resolver | None = None,
+                 on_added: Callable[[str], None] = lambda name: None) -> None:
+        self.config = config
+        self.sidecars: dict[str, Sidecar] = {}
+        self.clouds: dict[str, Cloud] = {}
+        self._on_eject = on_eject
+        self._on_change = on_change  # the set of backends or their models changed
+        self._on_added = on_added
+        self._resolver = resolver or self._resolve
+        self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._known_models: frozenset[str] = frozenset()
+        for spec in config.backends:
+            self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel)
+        for cloud in config.cloud:
+            self.clouds[cloud.name] = Cloud(cloud, self._breaker(cloud.name))
+            on_added(cloud.name)
+
+    def _breaker(self, name: str) -> Breaker:
+        return Breaker(self.config.breaker, on_open=lambda: self._ejected(name), name=name)
+
+    def _ejected(self, name: str) -> None:
+        log.warning("backend ejected by the circuit breaker", backend=name)
+        self._on_eject(name)
+
+    def _add(self, name: str, proxy_url: str, admin_url: str, parallel: int | None) -> Sidecar:
+        sidecar = Sidecar(name, proxy_url, admin_url, parallel, self._breaker(name))
+        self.sidecars[name] = sidecar
+        self._on_added(name)
+        if self._session is not None:  # found by DNS after start: poll it right away
+            self._pollers[name] = asyncio.create_task(self._poll_loop(sidecar), name=name)
+        return sidecar
+
+    async def start(self) -> None:
+        poll_timeout = max(1.0, 2 * self.config.poll_interval)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=poll_timeout, sock_connect=poll_timeout))
+        # One poll of everything before serving: the first requests already see real state.
+        for spec in self.config.dns:
+            await self.refresh_dns(spec)
+        await asyncio.gather(*(self.poll(s) for s in list(self.sidecars.values())))
+        self._note_models()
+        for sidecar in list(self.sidecars.values()):
+            if sidecar.name not in self._pollers:  # DNS-found ones already have theirs
+                self._pollers[sidecar.name] = asyncio.create_task(self._poll_loop(sidecar),
+                                                                  name=sidecar.name)
+        self._tasks = [asyncio.create_task(self._dns_loop(spec)) for spec in self.config.dns]
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._pollers.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._pollers.values()]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def poll(self, sidecar: Sidecar) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(sidecar.admin_url + "/llmtap/v1/state") as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+            state = orjson.loads(body)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            sidecar.poll_failures += 1
+            if sidecar.poll_failures == 1:
+                log.warning("cannot read sidecar state", backend=sidecar.name, error=str(exc))
+            sidecar.breaker.failure()
+            return False
+        sidecar.polled(state, time.monotonic())
+        # The poll is the breaker's probe: a sidecar that answers is back, once its cooldown
+        # is over (a sidecar whose model server is down stays ineligible via upstream_up).
+        sidecar.breaker.success()
+        return True
+
+    async def _poll_loop(self, sidecar: Sidecar) -> None:
+        interval = self.config.poll_interval
+        while True:
+            started = time.monotonic()
+            await self.poll(sidecar)
+            self._note_models()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _note_models(self) -> None:
+        models = frozenset(m for s in self.sidecars.values() for m in s.models())
+        if models != self._known_models:
+            self._known_models = models
+            self._on_change()
+
+    @property
+    def known_models(self) -> frozenset[str]:
+        return self._known_models
+
+    async def _resolve(self, host: str) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, None, type=socket.SOCK_STREAM)
+        return sorted({str(info[4][0]) for info in infos})
+
+    async def refresh_dns(self, spec: DnsSpec) -> None:
+        """Make the sidecars from `spec` match what its name resolves to now; on a lookup
+        failure keep the last answer (a DNS hiccup must not empty the fleet)."""
+        try:
+            addresses = await self._resolver(spec.dns)
+        except OSError as exc:
+            log.warning("DNS lookup failed; keeping the last answer", dns=spec.dns,
+                        error=str(exc))
+            return
+        prefix = spec.dns + "/"
+        wanted = {prefix + a: a for a in addresses}
+        for name in [n for n in self.sidecars if n.startswith(prefix) and n not in wanted]:
+            del self.sidecars[name]
+            if (task := self._pollers.pop(name, None)) is not None:
+                task.cancel()
+            log.info("backend left DNS", backend=name)
+        for name, address in wanted.items():
+            if name not in self.sidecars:
+                self._add(name, _url(spec.scheme, address, spec.proxy_port),
+                          _url(spec.scheme, address, spec.admin_port), spec.parallel)
+                log.info("backend found in DNS", backend=name)
+        self._note_models()
+
+    async def _dns_loop(self, spec: DnsSpec) -> None:
+        while True:
+            await asyncio.sleep(spec.refresh_interval)
+            await self.refresh_dns(spec)
+
+    def candidates(self, model: str) -> list[Candidate]:
+        now = time.monotonic()
+        stale_after = self.config.stale_after
+        return [s.candidate(model, now, stale_after) for s in self.sidecars.values()]
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"sidecars": [s.describe(now) for s in self.sidecars.values()],
+                "cloud": [c.describe() for c in self.clouds.values()]}

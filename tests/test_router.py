@@ -1,0 +1,401 @@
+"""The router's parts on their own: config errors, classifier, Ollama <-> OpenAI translation,
+circuit breaker, cloud budget and rate limit, DNS discovery, and decisions from given state."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from exporter.config import ConfigError
+from exporter.protocols import endpoint_for
+from exporter.protocols.base import RequestInfo
+from exporter.routing.classifier import HEAVY, LIGHT, RuleClassifier, load_classifier, safe_classify
+from exporter.routing.config import BreakerSpec, ClassifierSpec, CloudSpec, parse_config
+from exporter.routing.registry import CLOSED, HALF_OPEN, OPEN, Breaker, Cloud, Registry
+from exporter.routing.translate import OllamaFromOpenAI, ollama_to_openai
+
+EXAMPLE = """
+listen: 0.0.0.0:8080
+admin_listen: 0.0.0.0:9465
+poll_interval: 0.5
+backends:
+  - name: local-a
+    proxy_url: http://ollama-a:11435
+    admin_url: http://ollama-a:9464
+  - dns: llmtap-sidecars.llm.svc.cluster.local
+    proxy_port: 11435
+    admin_port: 9464
+    refresh_interval: 10
+cloud:
+  - name: openai
+    base_url: https://api.openai.com/v1
+    api_key_env: OPENAI_API_KEY
+    models: {auto-heavy: gpt-4o-mini}
+    price_per_input_token: 0.00000015
+    price_per_output_token: 0.0000006
+    budget: 10.0
+    rate_limit: 5
+routes:
+  - model: "*"
+    policy: expected_wait
+  - model: auto
+    hybrid: {light: llama3.2, heavy: auto-heavy, slo_ttft: 2.0}
+    residency: any
+"""
+
+
+def _config(text: str = EXAMPLE) -> Any:
+    import yaml
+
+    return parse_config(yaml.safe_load(text))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_the_documented_example_parses_with_its_defaults() -> None:
+    config = _config()
+    assert str(config.listen) == "0.0.0.0:8080" and str(config.admin_listen) == "0.0.0.0:9465"
+    assert config.poll_interval == 0.5 and config.stale_after == 1.5
+    assert [b.name for b in config.backends] == ["local-a"]
+    assert config.dns[0].dns == "llmtap-sidecars.llm.svc.cluster.local"
+    assert config.dns[0].refresh_interval == 10.0
+    cloud = config.cloud[0]
+    assert cloud.models == {"auto-heavy": "gpt-4o-mini"} and cloud.budget == 10.0
+    assert cloud.budget_period == "day" and cloud.rate_limit == 5.0
+    assert config.route_for("auto").hybrid.light == "llama3.2"  # type: ignore[union-attr]
+    assert config.route_for("anything").policy == "expected_wait"
+    assert config.cloud_for("auto-heavy") is cloud
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2', speed: 3}]",
+     "backends[0].speed: unknown key"),
+    ("backends: [{name: a, admin_url: 'http://a:2'}]", "backends[0].proxy_url is required"),
+    ("backends: [{name: a, proxy_url: 'ftp://a', admin_url: 'http://a:2'}]",
+     "backends[0].proxy_url: expected an http"),
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2'}]\n"
+     "routes: [{model: x, policy: fastest}]", "routes[0].policy: unknown policy 'fastest'"),
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2'}]\n"
+     "routes: [{model: auto, hybrid: {light: l, heavy: nope}}]",
+     "routes[0].hybrid.heavy: 'nope' is no cloud model alias"),
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2'}]\n"
+     "poll_interval: fast", "poll_interval: expected float"),
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2'}]\n"
+     "routes: [{model: x, residency: eu}]", "routes[0].residency: expected one of any, local"),
+    ("listen: 1.2.3.4", "listen: expected HOST:PORT"),
+    ("poll: 1", "poll: unknown key"),
+    ("{}", "at least one backend"),
+    ("backends: [{name: a, proxy_url: 'http://a:1', admin_url: 'http://a:2'},"
+     " {name: a, proxy_url: 'http://b:1', admin_url: 'http://b:2'}]", "'a' is used twice"),
+])
+def test_config_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _config(text)
+    assert message in str(caught.value), str(caught.value)
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def test_rule_classifier() -> None:
+    classify = RuleClassifier(ClassifierSpec(long_prompt_chars=200, heavy_max_tokens=1000))
+
+    def chat(text: str, **extra: Any) -> dict[str, Any]:
+        return {"model": "auto", "messages": [{"role": "user", "content": text}], **extra}
+
+    assert classify(chat("What is the capital of France?"), "/v1/chat/completions") == LIGHT
+    assert classify(chat("hi", max_tokens=4000), "/v1/chat/completions") == HEAVY
+    assert classify({"prompt": "hi", "options": {"num_predict": 1000}}, "/api/generate") == HEAVY
+    assert classify(chat("x" * 300), "/api/chat") == HEAVY
+    assert classify(chat("Fix this:\n```python\nprint(1)\n```"), "/api/chat") == HEAVY
+    assert classify(chat("def add(a, b):\n    return a + b"), "/api/chat") == HEAVY
+    assert classify(chat("Prove step by step that sqrt(2) is irrational"), "/api/chat") == HEAVY
+    assert classify({"prompt": "Tell me a joke", "system": "be brief"}, "/api/generate") == LIGHT
+
+
+def always_heavy(body: dict[str, Any], path: str) -> str:
+    return HEAVY
+
+
+def broken(body: dict[str, Any], path: str) -> str:
+    raise RuntimeError("boom")
+
+
+def test_classifier_plugins_load_by_dotted_path() -> None:
+    plugin = load_classifier(ClassifierSpec(plugin="tests.test_router:always_heavy"))
+    assert safe_classify(plugin, {}, "/api/chat") == HEAVY
+    plugin = load_classifier(ClassifierSpec(plugin="tests.test_router.broken"))
+    assert safe_classify(plugin, {}, "/api/chat") == LIGHT  # a failing plugin keeps it local
+    with pytest.raises(ConfigError, match=r"classifier\.plugin"):
+        load_classifier(ClassifierSpec(plugin="tests.test_router:missing"))
+
+
+# --------------------------------------------------------------------------- translation
+
+
+def test_ollama_requests_become_openai_chat_completions() -> None:
+    chat = ollama_to_openai("/api/chat", {
+        "model": "auto", "messages": [{"role": "user", "content": "hi", "images": ["..."]}],
+        "options": {"num_predict": 64, "temperature": 0.2, "stop": ["\n"]}, "format": "json",
+    }, "gpt-x")
+    assert chat == {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}],
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "temperature": 0.2, "stop": ["\n"], "max_tokens": 64,
+                    "response_format": {"type": "json_object"}}
+    generate = ollama_to_openai("/api/generate", {"model": "auto", "prompt": "Why?",
+                                                  "system": "Be short", "stream": False}, "g")
+    assert generate == {"model": "g", "stream": False, "messages": [
+        {"role": "system", "content": "Be short"}, {"role": "user", "content": "Why?"}]}
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+STREAM = _sse(
+    {"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+    {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hello"}}]},
+    {"id": "c1", "choices": [{"index": 0, "delta": {"content": " there"}}]},
+    {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+    {"id": "c1", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}},
+)
+
+
+@pytest.mark.parametrize("piece", [1, 7, len(STREAM)])
+def test_an_openai_stream_becomes_ollama_ndjson(piece: int) -> None:
+    translator = OllamaFromOpenAI(chat=True, model="auto", started_ns=1_000)
+    out = b""
+    for i, start in enumerate(range(0, len(STREAM), piece)):
+        out += translator.feed(STREAM[start:start + piece], 2_000 + i)
+    out += translator.finish(10**9)  # already ended at [DONE]: nothing more
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert [line["message"]["content"] for line in lines] == ["Hello", " there", ""]
+    assert all(line["model"] == "auto" and line["created_at"].endswith("Z") for line in lines)
+    assert [line["done"] for line in lines] == [False, False, True]
+    final = lines[-1]
+    assert final["done_reason"] == "length"
+    assert final["prompt_eval_count"] == 11 and final["eval_count"] == 2
+    for name in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(final[name], int) and final[name] >= 0
+    assert final["total_duration"] >= final["prompt_eval_duration"] + final["eval_duration"]
+
+
+def test_generate_streams_and_whole_answers_and_errors_translate() -> None:
+    translator = OllamaFromOpenAI(chat=False, model="auto", started_ns=0)
+    lines = translator.feed(STREAM, 5).splitlines()
+    assert [orjson.loads(line)["response"] for line in lines] == ["Hello", " there", ""]
+    whole = OllamaFromOpenAI(chat=True, model="auto", started_ns=0).whole({
+        "choices": [{"message": {"role": "assistant", "content": "Hi",
+                                 "tool_calls": [{"function": {"name": "f",
+                                                              "arguments": '{"a": 1}'}}]},
+                     "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, 100)
+    obj = orjson.loads(whole)
+    assert obj["message"]["content"] == "Hi" and obj["done"] is True
+    assert obj["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {"a": 1}}}]
+    assert obj["prompt_eval_count"] == 3 and obj["eval_count"] == 1
+    failing = OllamaFromOpenAI(chat=True, model="auto", started_ns=0)
+    out = failing.feed(b'data: {"error": {"message": "quota exceeded"}}\n\n', 1)
+    assert orjson.loads(out) == {"error": "quota exceeded"}
+
+
+# --------------------------------------------------------------------------- breaker, cloud
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_circuit_breaker_ejects_probes_and_restores() -> None:
+    clock = Clock()
+    opened: list[int] = []
+    breaker = Breaker(BreakerSpec(failures=2, cooldown=1.0, max_cooldown=3.0), clock,
+                      on_open=lambda: opened.append(1))
+    breaker.failure()
+    assert breaker.state == CLOSED and breaker.eligible()
+    breaker.failure()
+    assert breaker.state == OPEN and not breaker.eligible() and opened == [1]
+    breaker.success()  # a success inside the cooldown is not trusted yet
+    assert breaker.state == OPEN
+    clock.now += 1.0
+    assert breaker.eligible()  # cooldown over: one probe may go
+    breaker.dispatched()
+    assert breaker.state == HALF_OPEN and not breaker.eligible()
+    breaker.failure()  # the probe failed: out for twice as long
+    assert breaker.state == OPEN and breaker.cooldown == 2.0
+    clock.now += 1.5
+    assert not breaker.eligible()
+    clock.now += 0.5
+    breaker.success()  # e.g. a poll of the sidecar's state answered
+    assert breaker.state == CLOSED and breaker.cooldown == 1.0 and breaker.failures == 0
+    assert opened == [1]  # one ejection counted, however many failed probes
+
+
+def test_cloud_budget_and_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    spec = CloudSpec(name="c", base_url="http://c/v1", api_key_env="ROUTER_TEST_KEY",
+                     models={"heavy": "big"}, price_per_input_token=0.01,
+                     price_per_output_token=0.02, budget=1.0, rate_limit=2)
+    cloud = Cloud(spec, Breaker(BreakerSpec(), clock), clock)
+    monkeypatch.delenv("ROUTER_TEST_KEY", raising=False)
+    assert cloud.unusable() == "no_api_key"
+    monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
+    assert cloud.unusable() == ""
+    cloud.take()
+    cloud.take()
+    assert cloud.unusable() == "rate_limited"  # burst of 2 spent
+    clock.now += 0.5
+    assert cloud.unusable() == ""  # 2/s refills one in half a second
+    assert cloud.charge(10, 20) == pytest.approx(0.5)
+    assert cloud.budget_left() == pytest.approx(0.5)
+    cloud.charge(10, 20)
+    assert cloud.unusable() == "budget_exhausted"
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+async def test_dns_discovery_adds_removes_and_survives_failures() -> None:
+    answers: list[Any] = [["10.0.0.1", "10.0.0.2"], ["10.0.0.2", "fd00::3"], OSError("no")]
+
+    async def resolve(host: str) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    config = _config("backends: [{dns: sidecars.local, proxy_port: 11435, admin_port: 9464}]")
+    registry = Registry(config, resolver=resolve)
+    spec = config.dns[0]
+    await registry.refresh_dns(spec)
+    assert sorted(registry.sidecars) == ["sidecars.local/10.0.0.1", "sidecars.local/10.0.0.2"]
+    assert registry.sidecars["sidecars.local/10.0.0.1"].proxy_url == "http://10.0.0.1:11435"
+    await registry.refresh_dns(spec)
+    assert sorted(registry.sidecars) == ["sidecars.local/10.0.0.2", "sidecars.local/fd00::3"]
+    assert registry.sidecars["sidecars.local/fd00::3"].admin_url == "http://[fd00::3]:9464"
+    await registry.refresh_dns(spec)  # the lookup failed: the fleet stays as it was
+    assert len(registry.sidecars) == 2
+
+
+async def test_dns_discovery_with_the_event_loops_resolver() -> None:
+    config = _config("backends: [{dns: localhost, proxy_port: 1, admin_port: 2}]")
+    registry = Registry(config)
+    await registry.refresh_dns(config.dns[0])
+    assert "localhost/127.0.0.1" in registry.sidecars
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+ROUTER = """
+backends:
+  - {name: a, proxy_url: "http://a:1", admin_url: "http://a:2"}
+  - {name: b, proxy_url: "http://b:1", admin_url: "http://b:2"}
+cloud:
+  - {name: cloud, base_url: "http://c/v1", api_key_env: ROUTER_TEST_KEY,
+     models: {auto-heavy: big}}
+routes:
+  - {model: auto, hybrid: {light: small, heavy: auto-heavy, slo_ttft: 1.0, hysteresis: 0.5}}
+  - {model: private, hybrid: {light: small, heavy: auto-heavy}, residency: local}
+"""
+
+
+def _state(waiting: int, ttft: float = 0.1, tpot: float = 0.01) -> dict[str, Any]:
+    return {"upstream": {"kind": "ollama", "up": True, "models": ["small:latest"]},
+            "models": {"small:latest": {"in_flight": waiting, "waiting": waiting,
+                                        "installed": True, "loaded": True,
+                                        "ewma": {"ttft_seconds": ttft, "tpot_seconds": tpot}}}}
+
+
+def _decide(router: Any, model: str, text: str = "hi", local: bool = False) -> Any:
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    return router.decide("/api/chat", endpoint_for("POST", "/api/chat"),
+                         RequestInfo(model=model), body, local)
+
+
+def test_decisions_heavy_light_spill_hysteresis_and_residency(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.routing.service import Router
+
+    monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
+    router = Router(_config(ROUTER))
+    a, b = router.backends.sidecars["a"], router.backends.sidecars["b"]
+    now = time.monotonic()
+    a.polled(_state(0, ttft=0.05), now)
+    b.polled(_state(0, ttft=0.5), now)
+
+    light = _decide(router, "auto")
+    assert (light.reason, light.klass, light.targets[0].backend) == ("light", LIGHT, "a")
+    assert light.targets[0].model == "small" and light.targets[-1].backend == "cloud"
+    heavy = _decide(router, "auto", "Prove step by step that P != NP")
+    assert (heavy.reason, heavy.targets[0].backend, heavy.targets[0].model) == \
+        ("heavy", "cloud", "big")
+    # Both local backends queue deep: E[TTFT] over the 1 s SLO, light requests spill.
+    a.polled(_state(20), now)
+    b.polled(_state(20), now)
+    spill = _decide(router, "auto")
+    assert (spill.reason, spill.targets[0].backend) == ("spill", "cloud")
+    # Local-only never leaves, heavy or overloaded; by header or by the route's rule.
+    for decision in (_decide(router, "auto", local=True),
+                     _decide(router, "auto", "Prove step by step", local=True),
+                     _decide(router, "private")):
+        assert decision.reason == "local_only"
+        assert {t.backend for t in decision.targets} == {"a", "b"}
+    # Load falls to just under the SLO: still spilling (hysteresis), until well under it.
+    a.polled(_state(1, ttft=0.9, tpot=0.001), now)
+    assert _decide(router, "auto").reason == "spill"
+    a.polled(_state(0, ttft=0.1), now)
+    assert _decide(router, "auto").reason == "light"
+    # The cloud's budget or key gone: heavy requests queue locally and say why.
+    monkeypatch.delenv("ROUTER_TEST_KEY")
+    no_key = _decide(router, "auto", "Prove step by step")
+    assert (no_key.reason, no_key.targets[0].backend) == ("no_api_key", "a")
+    # Stale state counts as saturated: it never looks under the SLO.
+    a.polled_at = b.polled_at = now - 60
+    monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
+    assert _decide(router, "auto").reason == "spill"
+
+
+def test_unknown_models_and_dialects_are_refused_or_filtered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.routing.service import Router
+
+    router = Router(_config(ROUTER))
+    now = time.monotonic()
+    router.backends.sidecars["a"].polled(_state(0), now)
+    llama = {"upstream": {"kind": "llama.cpp", "up": True, "models": ["smol.gguf"]},
+             "models": {"smol.gguf": {"in_flight": 0, "waiting": 0, "installed": True,
+                                      "ewma": {"ttft_seconds": 0.01}}}}
+    router.backends.sidecars["b"].polled(llama, now)
+    unknown = _decide(router, "nope")
+    assert unknown.targets == [] and unknown.reason == "no_backend"
+    assert _decide(router, "small").targets[0].backend == "a"  # llama-server: no Ollama API
+    openai = router.decide("/v1/chat/completions", endpoint_for("POST", "/v1/chat/completions"),
+                           RequestInfo(model="anything"), {"model": "anything"}, False)
+    assert [t.backend for t in openai.targets] == ["b"]  # serves its one model by any name
+
+
+def test_sidecar_state_publishes_cold_load_time() -> None:
+    """The router's load cost: an EWMA of the cold loads the sidecar saw, per model."""
+    from exporter.record import RequestRecord
+    from exporter.state import LiveState
+
+    live = LiveState()
+    key = ("ollama", "chat", "m")
+    for loaded, load in ((False, 4.0), (True, 0.5), (False, 2.0)):
+        record = RequestRecord("POST", "/api/chat", 0.0)
+        record.model_was_loaded = loaded
+        record.server_timings["load_duration"] = load
+        record.model_label = "m"
+        live.started(key)
+        live.finished(key, True, record)
+    ewma = live.snapshot()["m"]["ewma"]
+    assert ewma["load_seconds"] == pytest.approx(4.0 + 0.2 * (2.0 - 4.0))  # warm ones skipped
