@@ -241,6 +241,13 @@ async def test_a_killed_backend_is_ejected_and_brought_back(fleet: dict[str, Any
             return m.value("llmtap_router_backend_up", backend="fast2") == 1
 
         await until(back)
+        # A restarted sidecar has no latency averages yet: a few requests of its own give it
+        # some, and the router's next polls (every 0.2 s) see them. Until then expected_wait
+        # rightly prefers the backend it has measured (seen in CI: all 6 went to fast).
+        for _ in range(3):
+            assert (await chat(tap.url, "m1", path="/v1/chat/completions", max_tokens=8))[0] \
+                == 200
+        await asyncio.sleep(0.6)
         started = fleet["fast2"].stats()["started"]
         # Concurrent: the router's own in-flight counts spread them over both fast backends.
         await asyncio.gather(*(chat(router.url, "m1", path="/v1/chat/completions",

@@ -543,7 +543,9 @@ async def test_token_pacing_and_header_timing() -> None:
     assert t_headers >= 0.14 and t_llama_headers < 0.1
     gaps = sorted(b - a for a, b in itertools.pairwise(arrivals[:-1]))  # done line: at once
     assert len(arrivals) == 7 and 0.005 < gaps[len(gaps) // 2] < 0.03, gaps
-    assert arrivals[-2] - arrivals[0] >= 0.045  # 5 intervals of 10 ms
+    # 5 intervals of 10 ms on a fixed schedule; a first token woken a few ms late (seen here:
+    # 6 ms) shortens the span, an unpaced answer would make it ~0.
+    assert arrivals[-2] - arrivals[0] >= 0.04
 
 
 async def test_cold_load_counted_and_reported() -> None:
