@@ -1,5 +1,6 @@
-"""/metrics rendered in a forked child: the same bytes as prometheus_client, a child that fails
-or hangs replaced by a render in a thread, and nothing of the parent's kept open by it."""
+"""/metrics rendered in a forked child once the registry is big: the same bytes as
+prometheus_client, a child that fails or hangs replaced by a render in a thread, and nothing
+of the parent's kept open by it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def _registry() -> CollectorRegistry:
         latency.labels(f"m{i}").observe(i / 100, exemplar={"trace_id": f"{i:032x}"})
         requests.labels(f"m{i}").inc(i)
     return registry
+
+
+@pytest.fixture(autouse=True)
+def forked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These registries are small: make them take the forked path a big one takes."""
+    monkeypatch.setattr(exposition._Choice, "fork", True)
+
+
+class _Slow:
+    def collect(self) -> Iterator[Metric]:
+        time.sleep(exposition.FORK_ABOVE * 2)
+        yield GaugeMetricFamily("demo_slow", "demo", value=1)
 
 
 class _InChild:
@@ -87,3 +100,17 @@ async def test_the_child_keeps_no_connection_of_the_parents_open() -> None:
     assert time.monotonic() - closed_at < 0.5
     theirs.close()
     await scrape
+
+
+async def test_a_registry_goes_to_the_fork_once_its_render_is_slow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exposition._Choice, "fork", False)
+    quick = _registry()
+    with monkeypatch.context() as patch:  # "quick" by the threshold, whatever this machine does
+        patch.setattr(exposition, "FORK_ABOVE", 60.0)
+        assert (await render(quick, ""))[0] == generate_latest(quick)
+    assert not exposition._Choice.fork  # a quick render stays in a thread
+    slow = _registry()
+    slow.register(_Slow())
+    assert (await render(slow, ""))[0] == generate_latest(slow)
+    assert exposition._Choice.fork  # from now on, forked

@@ -32,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from exporter import __version__
+from exporter import __version__, runtime
 from exporter import record as rec
 from exporter.config import HostPort
 from exporter.models import ModelLabels
@@ -549,6 +549,7 @@ def _ms(seconds: float | None) -> float | None:
 
 async def route(config: RouterConfig) -> None:
     """Run the router until SIGTERM or SIGINT."""
+    runtime.before_start()
     router = Router(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -556,6 +557,7 @@ async def route(config: RouterConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await router.start()
+        runtime.after_start()
         await stop.wait()
         log.info("llmtap router stopping")
     finally:
