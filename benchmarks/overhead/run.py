@@ -215,7 +215,7 @@ def scenarios(quick: bool) -> list[Scenario]:
                 Scenario("burst-ndjson", "ollama", 0, 4, 0, stream=False, burst=20)]
     out: list[Scenario] = []
     for dialect, framing in (("ollama", "ndjson"), ("openai", "sse")):
-        out += [Scenario(f"{framing}-1", dialect, 1, 20, 6.0),
+        out += [Scenario(f"{framing}-1", dialect, 1, 5, 8.0),  # short answers: more samples
                 Scenario(f"{framing}-16", dialect, 16, 50, 4.0),
                 Scenario(f"{framing}-64", dialect, 64, 50, 4.0),
                 Scenario(f"burst-{framing}", dialect, 0, 8, 0, stream=False, burst=200)]
@@ -285,7 +285,9 @@ async def run(args: argparse.Namespace) -> int:
                         compare(base, m)
                         added = percentile(m.values("ttft"), .99) - \
                             percentile(base.values("ttft"), .99)
-                        if added > ADDED_P99_LIMIT:
+                        # llmtap stays in to the top level, whatever it adds: its memory at
+                        # 256 streams is one of the targets.
+                        if added > ADDED_P99_LIMIT and not target.name.startswith("llmtap"):
                             live.remove(target)
                     print(f"[{time.monotonic() - started:4.0f} s] sweep {level}: " + ", ".join(
                         f"{name} {fmt_ms(added_p99(sweep, name, level))}"
@@ -308,6 +310,7 @@ async def run(args: argparse.Namespace) -> int:
     write_json(table, sweep, stall, out / "results.json")
     if not args.quick:
         plot(sweep, RESULTS / "added-p99-ttft.png")
+        publish(report)
     print(report)
     # What llmtap (and the nginx floor) relays must be complete; what the peer loses or
     # fails is one of its figures.
@@ -477,8 +480,77 @@ def render(table: dict[str, dict[str, Measurement]], sweep: dict[str, dict[int, 
                   f"{stall['busy_max_ms']:.2f} ms with them (p99 {stall['quiet_p99_ms']:.2f} → "
                   f"{stall['busy_p99_ms']:.2f} ms): worst stall added "
                   f"{stall['busy_max_ms'] - stall['quiet_max_ms']:.2f} ms."]
+    if not args.quick:
+        lines += targets(table, sweep)
     lines += ["", f"The OTLP receiver got {spans} spans from llmtap-full."]
     return "\n".join(lines) + "\n"
+
+
+def targets(table: dict[str, dict[str, Measurement]],
+            sweep: dict[str, dict[int, Measurement]]) -> list[str]:
+    """DESIGN.md's targets against this run's figures, for llmtap with all telemetry on."""
+    def added(row: dict[str, Measurement], name: str, key: str, q: float) -> float:
+        return percentile(row[name].values(key), q) - percentile(row["direct"].values(key), q)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = ["", "DESIGN.md's targets, llmtap-full (all telemetry on) in this run:", "",
+             "| target | measured | |", "|---|---|---|"]
+    for framing in ("ndjson", "sse"):
+        one = table.get(f"{framing}-1")
+        if one is None:
+            continue
+        p50, p99 = added(one, "llmtap-full", "ttft", .5), added(one, "llmtap-full", "ttft", .99)
+        nginx50 = added(one, "nginx", "ttft", .5)
+        lines.append(f"| 1 stream ({framing}): added TTFT p50 <= 0.5 ms, p99 <= 2 ms | "
+                     f"p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)} (nginx p50 {fmt_ms(nginx50)}) | "
+                     f"{verdict(p50 <= 0.0005 and p99 <= 0.002)} |")
+    for framing in ("ndjson", "sse"):
+        row = table.get(f"{framing}-64")
+        if row is None:
+            continue
+        ours, floor = added(row, "llmtap-full", "ttft", .99), added(row, "nginx", "ttft", .99)
+        gap = added(row, "llmtap-full", "gaps", .99)
+        lines.append(f"| 64 streams ({framing}): added TTFT p99 within 2x nginx's | "
+                     f"{fmt_ms(ours)} vs nginx {fmt_ms(floor)} | "
+                     f"{verdict(ours <= 2 * max(floor, 0.0))} |")
+        lines.append(f"| 64 streams ({framing}): added inter-chunk p99 <= 1 ms | {fmt_ms(gap)} | "
+                     f"{verdict(gap <= 0.001)} |")
+        m, n = row["llmtap-full"], row["nginx"]
+        per_chunk, nginx_chunk = m.cpu / max(m.frames, 1), n.cpu / max(n.frames, 1)
+        lines.append(f"| 64 streams ({framing}): <= 25 µs CPU per relayed chunk | "
+                     f"{per_chunk * 1e6:.0f} µs (nginx {nginx_chunk * 1e6:.0f} µs; both "
+                     "include per-request work) | "
+                     f"{verdict(per_chunk <= 25e-6)} |")
+    top = sweep.get("llmtap-full", {}).get(256)
+    if top is not None:
+        lines.append(f"| RSS <= 80 MB at 256 streams | {top.peak_rss / 2**20:.0f} MB | "
+                     f"{verdict(top.peak_rss <= 80 * 2**20)} |")
+    lost = sum(m.lost + m.mismatched for row in table.values() for name, m in row.items()
+               if name.startswith("llmtap"))
+    lost += sum(m.lost + m.mismatched for name, per in sweep.items() if name.startswith("llmtap")
+                for m in per.values())
+    lines.append(f"| zero lost or reordered chunks | {lost} | {verdict(lost == 0)} |")
+    return lines
+
+
+MARK_START, MARK_END = "<!-- overhead:start -->", "<!-- overhead:end -->"
+
+
+def publish(report: str) -> None:
+    """Keep the latest full run in benchmarks/README.md, between its markers."""
+    readme = HERE.parent / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    body = report.split("\n", 2)[2]  # without the report's own title
+    section = (f"{MARK_START}\n{body}\n![added p99 TTFT vs concurrency]"
+               f"(overhead/results/added-p99-ttft.png)\n{MARK_END}")
+    if MARK_START in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Overhead\n\n" + section + "\n"
+    readme.write_text(text)
 
 
 def cpu_model() -> str:
