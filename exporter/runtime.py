@@ -14,10 +14,24 @@ Both measured on this project's 2-core machine (benchmarks/overhead):
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import signal
 import sys
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
 
 SWITCH_INTERVAL = 0.0005  # seconds
+
+log = structlog.get_logger("llmtap")
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def before_start() -> None:
@@ -28,3 +42,20 @@ def after_start() -> None:
     """Call once everything long-lived exists (apps, sessions, registries)."""
     gc.collect()
     gc.freeze()
+
+
+async def run_until_signalled(make: Callable[[], Service], name: str) -> None:
+    """Build, start, serve until SIGTERM or SIGINT, stop: the sidecar's and the router's life."""
+    before_start()
+    service = make()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stopping.set)
+    try:
+        await service.start()
+        after_start()
+        await stopping.wait()
+        log.info(f"{name} stopping")
+    finally:
+        await service.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 
 import structlog
 from aiohttp import web
@@ -141,19 +140,7 @@ class Sidecar:
 
 async def serve(settings: Settings) -> None:
     """Run a sidecar until SIGTERM or SIGINT."""
-    runtime.before_start()
-    sidecar = Sidecar(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await sidecar.start()
-        runtime.after_start()
-        await stop.wait()
-        log.info("llmtap stopping")
-    finally:
-        await sidecar.stop()
+    await runtime.run_until_signalled(lambda: Sidecar(settings), "llmtap")
 
 
 def _loopback(host: str) -> bool:

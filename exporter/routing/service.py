@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -549,16 +548,4 @@ def _ms(seconds: float | None) -> float | None:
 
 async def route(config: RouterConfig) -> None:
     """Run the router until SIGTERM or SIGINT."""
-    runtime.before_start()
-    router = Router(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await router.start()
-        runtime.after_start()
-        await stop.wait()
-        log.info("llmtap router stopping")
-    finally:
-        await router.stop()
+    await runtime.run_until_signalled(lambda: Router(config), "llmtap router")
