@@ -95,10 +95,16 @@ def _outstanding(c: Candidate) -> int:
     return c.in_flight + c.router_sent_since_poll
 
 
-def _ranked_by(tiers: list[list[Candidate]], key: Callable[[Candidate], float]) -> list[Candidate]:
+Order = Callable[[list[Candidate]], list[Candidate]]
+
+
+def _ranked(tiers: list[list[Candidate]], first: Order, rest: Order = list) -> list[Candidate]:
+    """Every policy's shape: its choice is made inside the first non-empty tier (`first`
+    orders that tier), the later tiers follow in `rest`'s order, for retries."""
     out: list[Candidate] = []
     for tier in tiers:
-        out.extend(sorted(tier, key=key))
+        if tier:
+            out.extend(rest(tier) if out else first(tier))
     return out
 
 
@@ -110,18 +116,12 @@ class RandomChoice:
     def rank(
         self, candidates: Sequence[Candidate], request: RequestTraits, rng: random.Random
     ) -> list[Candidate]:
-        out: list[Candidate] = []
-        for tier in _tiers(candidates):
-            if not tier:
-                continue
-            if not out:  # the pick comes from the best non-empty tier; the rest keep their order
-                i = rng.randrange(len(tier))
-                out.append(tier[i])
-                out.extend(tier[:i])
-                out.extend(tier[i + 1 :])
-            else:
-                out.extend(tier)
-        return out
+        def pick(tier: list[Candidate]) -> list[Candidate]:
+            # The pick comes first; the rest keep their order.
+            i = rng.randrange(len(tier))
+            return [tier[i], *tier[:i], *tier[i + 1:]]
+
+        return _ranked(_tiers(candidates), pick)
 
 
 class RoundRobin:
@@ -135,19 +135,13 @@ class RoundRobin:
     def rank(
         self, candidates: Sequence[Candidate], request: RequestTraits, rng: random.Random
     ) -> list[Candidate]:
-        out: list[Candidate] = []
-        for tier in _tiers(candidates):
-            if not tier:
-                continue
-            if not out:
-                turn = self._next.get(request.model, 0)
-                self._next[request.model] = turn + 1
-                i = turn % len(tier)
-                out.extend(tier[i:])
-                out.extend(tier[:i])
-            else:
-                out.extend(tier)
-        return out
+        def rotate(tier: list[Candidate]) -> list[Candidate]:
+            turn = self._next.get(request.model, 0)
+            self._next[request.model] = turn + 1
+            i = turn % len(tier)
+            return [*tier[i:], *tier[:i]]
+
+        return _ranked(_tiers(candidates), rotate)
 
 
 class LeastOutstanding:
@@ -162,10 +156,11 @@ class LeastOutstanding:
     ) -> list[Candidate]:
         # Random tie-break: a random secondary key, drawn once per candidate.
         keys = {id(c): (_outstanding(c), rng.random()) for c in candidates}
-        out: list[Candidate] = []
-        for tier in _tiers(candidates):
-            out.extend(sorted(tier, key=lambda c: keys[id(c)]))
-        return out
+
+        def least(tier: list[Candidate]) -> list[Candidate]:
+            return sorted(tier, key=lambda c: keys[id(c)])
+
+        return _ranked(_tiers(candidates), least, least)
 
 
 class PowerOfTwo:
@@ -179,23 +174,20 @@ class PowerOfTwo:
     def rank(
         self, candidates: Sequence[Candidate], request: RequestTraits, rng: random.Random
     ) -> list[Candidate]:
-        out: list[Candidate] = []
-        for tier in _tiers(candidates):
-            if not tier:
-                continue
-            if out or len(tier) == 1:
-                out.extend(sorted(tier, key=_outstanding))
-                continue
+        def by_load(tier: list[Candidate]) -> list[Candidate]:
+            return sorted(tier, key=_outstanding)
+
+        def two_choices(tier: list[Candidate]) -> list[Candidate]:
+            if len(tier) == 1:
+                return tier
             i, j = rng.sample(range(len(tier)), 2)
             a, b = tier[i], tier[j]
             if _outstanding(b) < _outstanding(a):
                 a, b = b, a
-            out.append(a)
-            out.append(b)
             # Retries after the two sampled ones: least loaded first.
-            out.extend(sorted((c for k, c in enumerate(tier) if k != i and k != j),
-                              key=_outstanding))
-        return out
+            return [a, b, *by_load([c for k, c in enumerate(tier) if k != i and k != j])]
+
+        return _ranked(_tiers(candidates), two_choices, by_load)
 
 
 def _queue_ahead(c: Candidate) -> int:
@@ -306,22 +298,23 @@ class ExpectedWait:
                 if c.loaded is False and _queue_ahead(c) == 0:
                     e += (self.cold_penalty - 1.0) * c_load
                 est[id(c)] = e
-        out: list[Candidate] = []
-        for tier in tiers:
-            if not tier:
-                continue
-            ordered = sorted(tier, key=lambda c: est[id(c)])
-            if not out and len(ordered) > 1:
-                limit = est[id(ordered[0])] * self.slack + self.slack_seconds
-                size = 1
-                while size < len(ordered) and size < self.pool and est[id(ordered[size])] <= limit:
-                    size += 1
-                if size > 1:
-                    i, j = rng.sample(range(size), 2)
-                    first = min(i, j)  # ordered by estimate: the lower index wins
-                    ordered.insert(0, ordered.pop(first))
-            out.extend(ordered)
-        return out
+
+        def by_cost(tier: list[Candidate]) -> list[Candidate]:
+            return sorted(tier, key=lambda c: est[id(c)])
+
+        def two_of_the_best(tier: list[Candidate]) -> list[Candidate]:
+            ordered = by_cost(tier)
+            limit = est[id(ordered[0])] * self.slack + self.slack_seconds
+            size = 1
+            while size < len(ordered) and size < self.pool and est[id(ordered[size])] <= limit:
+                size += 1
+            if size > 1:
+                i, j = rng.sample(range(size), 2)
+                first = min(i, j)  # ordered by estimate: the lower index wins
+                ordered.insert(0, ordered.pop(first))
+            return ordered
+
+        return _ranked(tiers, two_of_the_best, by_cost)
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {
