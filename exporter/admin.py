@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from exporter import __version__
 from exporter.gpu import GpuSampler
 from exporter.state import LiveState, ModelState
-from exporter.telemetry.exposition import render
+from exporter.telemetry.exposition import metrics_handler
 from exporter.upstream.monitor import UpstreamMonitor
 
 
@@ -26,12 +26,6 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
                      monitor: UpstreamMonitor, gpu: GpuSampler,
                      draining: Callable[[], bool] = lambda: False) -> web.Application:
     started = time.time()
-
-    async def metrics(request: web.Request) -> web.Response:
-        # Rendering walks every series: it happens in a forked child, so live streams keep
-        # moving (exporter/telemetry/exposition.py).
-        body, content_type = await render(registry, request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -58,7 +52,7 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
         return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_handler(registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/llmtap/v1/state", state)

@@ -37,6 +37,18 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
+def _run_service(coro: Coroutine[Any, Any, None]) -> int:
+    """Run `llmtap serve` or `llmtap route`; a failed start is one error line and exit 1."""
+    from exporter.server import StartupError
+
+    try:
+        _run(coro)
+    except StartupError as exc:
+        print(f"llmtap: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -151,29 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from exporter.server import StartupError, serve
+            from exporter.server import serve
             from exporter.telemetry.logs import configure
 
             settings = resolve(vars(args))
             configure(settings.log_level, settings.log_format)
-            try:
-                _run(serve(settings))
-            except StartupError as exc:
-                print(f"llmtap: error: {exc}", file=sys.stderr)
-                return 1
+            return _run_service(serve(settings))
         elif args.command == "route":
             from exporter.routing.config import load_config
             from exporter.routing.service import route
-            from exporter.server import StartupError
             from exporter.telemetry.logs import configure
 
             router_config = load_config(args.config)
             configure(router_config.log_level, router_config.log_format)
-            try:
-                _run(route(router_config))
-            except StartupError as exc:
-                print(f"llmtap: error: {exc}", file=sys.stderr)
-                return 1
+            return _run_service(route(router_config))
         elif args.command == "simulate":
             from exporter.simulator import run_simulator
 

@@ -109,17 +109,8 @@ class Sidecar:
                  kind=self.monitor.kind)
 
     async def _listen(self, runner: web.AppRunner, address: HostPort, flag: str) -> HostPort:
-        await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {address} ({flag}): {exc.strerror}") from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else address.port
-        return HostPort(address.host, port)
+        return await listen(runner, address, f" ({flag})")
 
     async def stop(self) -> None:
         """Drain: /readyz says not ready and the proxy stops accepting in the same step (no
@@ -141,6 +132,18 @@ class Sidecar:
 async def serve(settings: Settings) -> None:
     """Run a sidecar until SIGTERM or SIGINT."""
     await runtime.run_until_signalled(lambda: Sidecar(settings), "llmtap")
+
+
+async def listen(runner: web.AppRunner, address: HostPort, what: str = "") -> HostPort:
+    """Serve `runner` on `address`; the address really bound (port 0 becomes the kernel's)."""
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}{what}: {exc.strerror}") from None
+    port = runner.addresses[0][1] if runner.addresses else address.port
+    return HostPort(address.host, port)
 
 
 def _loopback(host: str) -> bool:

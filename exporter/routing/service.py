@@ -58,7 +58,7 @@ from exporter.routing.translate import (
     ollama_to_openai,
 )
 from exporter.state import EWMA_ALPHA, LiveState
-from exporter.telemetry.exposition import render
+from exporter.telemetry.exposition import metrics_handler
 from exporter.telemetry.metrics import RequestMetrics
 from exporter.telemetry.tracing import Tracing, tracing_configured
 from exporter.upstream.monitor import UpstreamMonitor
@@ -171,17 +171,10 @@ class Router:
                             backend=cloud.name, api_key_env=cloud.spec.api_key_env)
 
     async def _listen(self, runner: web.AppRunner, address: HostPort) -> HostPort:
-        from exporter.server import StartupError
+        from exporter.server import listen
 
-        await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
-        return HostPort(address.host, runner.addresses[0][1] if runner.addresses
-                        else address.port)
+        return await listen(runner, address)
 
     async def stop(self) -> None:
         self.draining = True
@@ -498,11 +491,6 @@ class Router:
     def _admin_app(self) -> web.Application:
         registry = self.registry
 
-        async def metrics(request: web.Request) -> web.Response:
-            # As the sidecar's: rendered in a forked child, so relayed streams never wait.
-            body, content_type = await render(registry, request.headers.get("Accept", ""))
-            return web.Response(body=body, headers={"Content-Type": content_type})
-
         async def healthz(request: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
@@ -522,7 +510,7 @@ class Router:
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
         app = web.Application()
-        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/metrics", metrics_handler(registry))
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/llmtap/v1/router", state)

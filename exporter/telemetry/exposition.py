@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -55,6 +56,16 @@ async def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
         # Registries grow (models, label sets) and seldom shrink: once big, always forked.
         _Choice.fork = _Choice.fork or loop.time() - started > FORK_ABOVE
     return body, content_type
+
+
+def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request],
+                                                             Awaitable[web.Response]]:
+    """GET /metrics for the sidecar's and the router's admin ports."""
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = await render(registry, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return metrics
 
 
 async def _forked(encoder: Encoder, registry: CollectorRegistry) -> bytes | None:
