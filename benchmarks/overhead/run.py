@@ -93,6 +93,10 @@ class Measurement:
             return [g for r in self.results for g in r["gaps"]]
         return [r[key] for r in self.results if r[key] is not None]
 
+    def added(self, base: Measurement, key: str, q: float) -> float:
+        """What this target adds to the q-quantile of `key` over `base` (direct), seconds."""
+        return percentile(self.values(key), q) - percentile(base.values(key), q)
+
     @property
     def failed(self) -> int:
         return sum(1 for r in self.results if r["status"] != 200)
@@ -283,8 +287,7 @@ async def run(args: argparse.Namespace) -> int:
                         m = sweep[target.name][level] = await measure(target, scenario, first,
                                                                       pin, scrape_every=1.0)
                         compare(base, m)
-                        added = percentile(m.values("ttft"), .99) - \
-                            percentile(base.values("ttft"), .99)
+                        added = m.added(base, "ttft", .99)
                         # llmtap stays in to the top level, whatever it adds: its memory at
                         # 256 streams is one of the targets.
                         if added > ADDED_P99_LIMIT and not target.name.startswith("llmtap"):
@@ -398,14 +401,13 @@ def fmt_ms(seconds: float) -> str:
 
 
 def added_p99(sweep: dict[str, dict[int, Measurement]], name: str, level: int) -> float:
-    return percentile(sweep[name][level].values("ttft"), .99) - \
-        percentile(sweep["direct"][level].values("ttft"), .99)
+    return sweep[name][level].added(sweep["direct"][level], "ttft", .99)
 
 
 def summary_line(row: dict[str, Measurement]) -> str:
     base = row["direct"]
     return ", ".join(
-        f"{name} {fmt_ms(percentile(m.values('ttft'), .99) - percentile(base.values('ttft'), .99))}"
+        f"{name} {fmt_ms(m.added(base, 'ttft', .99))}"
         for name, m in row.items() if name != "direct")
 
 
@@ -441,10 +443,8 @@ def render(table: dict[str, dict[str, Measurement]], sweep: dict[str, dict[int, 
                 added = ["", "", "", ""]
                 extra = ["", "", ""]
             else:
-                added = [fmt_ms(t50 - percentile(base.values("ttft"), .5)),
-                         fmt_ms(t99 - percentile(base.values("ttft"), .99)),
-                         fmt_ms(g50 - percentile(base.values("gaps"), .5)),
-                         fmt_ms(g99 - percentile(base.values("gaps"), .99))]
+                added = [fmt_ms(m.added(base, key, q))
+                         for key, q in (("ttft", .5), ("ttft", .99), ("gaps", .5), ("gaps", .99))]
                 per_k = m.cpu / max(m.frames, 1) * 1000
                 extra = [f"{m.lost}/{m.mismatched}/{m.failed}", f"{per_k:.3f}",
                          f"{m.peak_rss / 2**20:.0f}"]
@@ -490,7 +490,7 @@ def targets(table: dict[str, dict[str, Measurement]],
             sweep: dict[str, dict[int, Measurement]]) -> list[str]:
     """DESIGN.md's targets against this run's figures, for llmtap with all telemetry on."""
     def added(row: dict[str, Measurement], name: str, key: str, q: float) -> float:
-        return percentile(row[name].values(key), q) - percentile(row["direct"].values(key), q)
+        return row[name].added(row["direct"], key, q)
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**not met**"
