@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 from exporter import linefile
 
-KEY_HEADERS = ("authorization", "x-api-key")
+KEY_HEADERS = (b"authorization", b"x-api-key")
 
 
 @dataclass(frozen=True)
 class Admitted:
     name: str  # the key's name, for the access log
-    header: str  # the header that carried it: stripped before forwarding
+    headers: frozenset[bytes]  # every header that carried a valid key: none is forwarded
 
 
 def digest(key: str) -> bytes:
@@ -67,20 +67,29 @@ class ApiKeys:
             entries[name] = raw
         return cls(entries)
 
-    def check(self, headers: Mapping[str, str]) -> Admitted | None:
+    def check(self, fields: Mapping[bytes, bytes]) -> Admitted | None:
+        """The key a request presents, from its lower-case header fields; None if no header
+        carries a valid one. Both headers are checked, so a valid key is never forwarded."""
+        admitted: str | None = None
+        carrying: list[bytes] = []
         for header in KEY_HEADERS:
-            value = headers.get(header)
+            value = fields.get(header)
             if value is None:
                 continue
-            if header == "authorization":
-                scheme, _, value = value.partition(" ")
-                if scheme.lower() != "bearer":
+            if header == b"authorization":
+                scheme, _, value = value.partition(b" ")
+                if scheme.lower() != b"bearer":
                     continue
-            presented = digest(value.strip())
-            matched = None
-            for name, stored in self._entries:  # no early exit: same work whichever matches
-                if hmac.compare_digest(presented, stored):
-                    matched = name
-            if matched is not None:
-                return Admitted(matched, header)
-        return None
+            name = self._match(value.strip())
+            if name is not None:
+                admitted = admitted or name
+                carrying.append(header)
+        return Admitted(admitted, frozenset(carrying)) if admitted is not None else None
+
+    def _match(self, presented_key: bytes) -> str | None:
+        presented = hashlib.sha256(presented_key).digest()
+        matched = None
+        for name, stored in self._entries:  # no early exit: same work whichever matches
+            if hmac.compare_digest(presented, stored):
+                matched = name
+        return matched

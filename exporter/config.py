@@ -78,6 +78,19 @@ parse_positive_int = whole_number(1)
 parse_non_negative_int = whole_number(0)
 
 
+def parse_cidrs(text: str) -> tuple[str, ...]:
+    import ipaddress
+
+    cidrs = parse_list(text)
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"expected CIDRs such as 10.0.0.0/8 or 127.0.0.1, got {cidr!r}")\
+                from None
+    return cidrs
+
+
 def parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -165,6 +178,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("header_timeout", parse_seconds, 15.0,
            "seconds a client connection may take to send a complete request head (against "
            "slowloris); also how long an idle keep-alive connection stays open", "SECONDS"),
+    Option("client_idle_timeout", parse_seconds, 60.0,
+           "seconds a client may go without sending a byte of a request body it owes, or "
+           "without reading a byte of its answer, before llmtap disconnects it (the upstream "
+           "request is closed and counted as client_timeout)", "SECONDS"),
+    Option("trusted_proxies", parse_cidrs, (),
+           "peers (CIDRs, comma-separated) whose X-Forwarded-For, -Proto and -Host llmtap "
+           "passes on; from any other peer they are set from the connection",
+           "CIDR[,CIDR...]", repeatable=True),
     Option("pin", parse_list, (),
            "pin a model to a digest, MODEL=DIGEST (sha256, 12+ hex digits; repeat the flag "
            "or separate with commas); llmtap_model_digest_mismatch says when the installed "
@@ -209,6 +230,8 @@ class Settings:
     max_waiting_per_model: int = 0
     max_body_bytes: int = 64 << 20
     header_timeout: float = 15.0
+    client_idle_timeout: float = 60.0
+    trusted_proxies: tuple[str, ...] = ()
     pin: tuple[str, ...] = ()
     pin_file: str = ""
     enforce_pins: bool = False

@@ -8,6 +8,8 @@ upstream itself reported in successful answers are learned, up to a cap. Everyth
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 OTHER = "other"
 
 
@@ -19,6 +21,9 @@ class ModelLabels:
         self._max_learned = max_learned
         self._single: str | None = None  # a one-model server serves it whatever name is asked
         self._known: frozenset[str] = self._allowed
+        # Told when a request names a model nobody listed (the sidecar refreshes its
+        # inventory then: the model may just have been pulled).
+        self.on_unknown: Callable[[], None] | None = None
 
     def set_inventory(self, names: list[str] | None, single_model_server: bool = False) -> None:
         """The upstream's model list (None when it could not be read)."""
@@ -52,6 +57,8 @@ class ModelLabels:
             return label
         if self._single is not None:
             return self._single
+        if requested and self.on_unknown is not None:
+            self.on_unknown()
         return OTHER
 
     def for_answer(self, requested: str, served: str, success: bool) -> str:

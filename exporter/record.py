@@ -1,29 +1,44 @@
-"""RequestRecord: the one fact about one request, filled in as it passes through the relay.
+"""RequestRecord: the one fact about one request, and the accumulator that fills it in.
 
-The relay creates it at arrival, the dialect observer fills in what the response says, and
-the telemetry sinks read it once when the request ends. Timestamps are `time.perf_counter()`
-seconds; durations are derived from them, never from the wall clock.
+The relay's Exchange creates the record at arrival and stamps its timestamps; the dialect's
+events (exporter/events.py) are applied by `apply`; the observers read the record when the
+request starts, when its first token is relayed and when it ends. Timestamps are
+`time.perf_counter()` seconds; durations are derived from them, never from the wall clock.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import enum
+from typing import Any
 
-if TYPE_CHECKING:
-    from exporter.protocols.base import RequestInfo
+from exporter.events import (
+    EMBEDDINGS,
+    FROM_TIMINGS,
+    Answered,
+    Event,
+    Finished,
+    NotAnObject,
+    RequestInfo,
+    ServerTimings,
+    Token,
+    UpstreamError,
+    Usage,
+)
 
-# error_type values (the catalogue's short codes); an HTTP status is its decimal string.
-CANCELLED = "cancelled"
-TIMEOUT = "timeout"
-UPSTREAM_CONNECT = "upstream_connect"
-UPSTREAM_RESET = "upstream_reset"
-UPSTREAM_ERROR = "upstream_error"  # an error frame inside a 200 stream ({"error": ...})
-QUEUE_FULL = "queue_full"  # refused by llmtap: too many waiting for this model
 
-# gen_ai.operation.name values
-CHAT = "chat"
-TEXT_COMPLETION = "text_completion"
-EMBEDDINGS = "embeddings"
+class Outcome(enum.Enum):
+    """How an exchange ended. Its value is the `error_type` label (the catalogue's codes);
+    ANSWERED means an answer went out whole, and then its HTTP status decides."""
+
+    ANSWERED = ""
+    CANCELLED = "cancelled"  # the client went away (or llmtap shut down)
+    TIMEOUT = "timeout"  # the upstream was silent past --first-byte- / --idle-timeout
+    CLIENT_TIMEOUT = "client_timeout"  # the client sent or read nothing for too long
+    UPSTREAM_CONNECT = "upstream_connect"
+    UPSTREAM_RESET = "upstream_reset"  # the upstream broke off
+    UPSTREAM_ERROR = "upstream_error"  # an error frame inside a 200 answer
+    QUEUE_FULL = "queue_full"  # refused by llmtap: too many waiting for this model
+    INTERNAL = "internal_error"  # a bug in llmtap (logged with its traceback)
 
 
 class RequestRecord:
@@ -31,19 +46,23 @@ class RequestRecord:
 
     __slots__ = (
         "arrival",
+        "cached_input_tokens",
         "dispatched",
         "end",
-        "error_type",
         "finish_reasons",
         "first_byte",
         "first_token",
+        "input_source",
         "input_tokens",
         "key_name",
         "last_token",
+        "live_label",
         "method",
         "model_label",
         "model_was_loaded",
         "operation",
+        "outcome",
+        "output_source",
         "output_tokens",
         "overhead",
         "path",
@@ -52,14 +71,18 @@ class RequestRecord:
         "request_model",
         "response_id",
         "response_model",
+        "route",
         "server_timings",
+        "span",
         "span_id",
         "status",
         "stream",
         "token_chunks",
         "trace_id",
+        "traceparent",
         "unparseable",
         "upstream_sent",
+        "waiting",
     )
 
     def __init__(self, method: str, path: str, arrival: float) -> None:
@@ -76,27 +99,46 @@ class RequestRecord:
         self.operation = ""  # "" = a path llmtap relays without observing
         self.request_model = ""
         self.response_model = ""
-        self.model_label = ""
+        self.live_label = ""  # the model label while in flight (the live gauges' key)
+        self.model_label = ""  # the label the answer settled on
         self.model_was_loaded: bool | None = None  # at arrival; None when the server won't say
         self.stream: bool | None = None
+        self.waiting = False  # in flight with no first token yet (the live gauges' waiting)
         self.status = 0
-        self.error_type = ""
+        self.outcome = Outcome.ANSWERED
         self.input_tokens: int | None = None  # as reported by the server
         self.output_tokens: int | None = None  # as reported by the server
+        self.cached_input_tokens: int | None = None  # prompt tokens served from a cache
+        self.input_source = 0  # how trustworthy the count is (events.FROM_*)
+        self.output_source = 0
         self.token_chunks = 0  # non-empty content frames seen (fallback count)
         self.unparseable = 0  # frames the observer could not parse
         self.finish_reasons: list[str] = []
         self.response_id = ""
-        self.server_timings: dict[str, Any] = {}
+        self.server_timings: dict[str, float] = {}
         self.overhead = 0.0  # seconds spent in llmtap's own code
         self.request_info: RequestInfo | None = None  # what the request body asked for
         self.key_name = ""  # the API key that admitted the request, when keys are on
         self.trace_id = ""  # hex, set when the request's span is sampled
         self.span_id = ""
+        self.traceparent = b""  # W3C header value the upstream request carries
+        self.span: Any = None  # the tracing observer's span
+        self.route: Any = None  # the router's decision, for its accounting observer
 
     @property
     def observed(self) -> bool:
         return bool(self.operation)
+
+    @property
+    def error_type(self) -> str:
+        """The `error_type` label: "" for a successful answer, else a short code."""
+        if self.outcome is not Outcome.ANSWERED:
+            return self.outcome.value
+        return str(self.status) if self.status >= 400 else ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.ANSWERED and 200 <= self.status < 300
 
     @property
     def output_token_count(self) -> int | None:
@@ -153,3 +195,38 @@ class RequestRecord:
         if self.end is None:
             return None
         return self.end - self.arrival
+
+
+def apply(record: RequestRecord, event: Event, now: float) -> None:
+    """The accumulator: what one event of the answer means for the record."""
+    if type(event) is Token:
+        if record.first_token is None:
+            record.first_token = now
+        record.last_token = now
+        record.token_chunks += 1
+    elif type(event) is Usage:
+        _usage(record, event)
+    elif type(event) is Answered:
+        record.response_model = record.response_model or event.model
+        record.response_id = record.response_id or event.response_id
+    elif type(event) is ServerTimings:
+        record.server_timings.update(event.values)
+    elif type(event) is Finished:
+        record.finish_reasons.append(event.reason)
+    elif type(event) is UpstreamError:
+        record.outcome = Outcome.UPSTREAM_ERROR
+    elif type(event) is NotAnObject:
+        record.unparseable += 1
+
+
+def _usage(record: RequestRecord, usage: Usage) -> None:
+    """Counts from a more trusted source win; a later report of the same source updates."""
+    if usage.input_tokens is not None and usage.source >= record.input_source:
+        record.input_tokens = usage.input_tokens
+        record.input_source = usage.source
+    if usage.output_tokens is not None and usage.source >= record.output_source:
+        record.output_tokens = usage.output_tokens
+        record.output_source = usage.source
+    if usage.cached_input_tokens is not None and (
+            usage.source > FROM_TIMINGS or record.cached_input_tokens is None):
+        record.cached_input_tokens = usage.cached_input_tokens

@@ -10,11 +10,18 @@ Both measured on this project's 2-core machine (benchmarks/overhead):
   that is mostly the imported libraries (OpenTelemetry, prometheus_client, aiohttp): one took
   45 ms at 64 live streams, stalling them all. Frozen after start-up, those objects are no
   longer walked: no collection over 2 ms in the same run.
+- glibc's malloc raises its mmap threshold each time a large block is freed, so after a few
+  large request bodies every later one comes from the heap and the heap never shrinks:
+  100 requests naming a 400 KB model left RSS 48 MB higher, and it kept creeping (+4-7 MB
+  per 100) with no Python object alive (tracemalloc). A fixed threshold keeps large blocks
+  in their own mappings, returned to the kernel when freed: RSS stayed flat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import signal
 import sys
@@ -24,6 +31,8 @@ from typing import Protocol
 import structlog
 
 SWITCH_INTERVAL = 0.0005  # seconds
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, kept fixed
 
 log = structlog.get_logger("llmtap")
 
@@ -36,6 +45,17 @@ class Service(Protocol):
 
 def before_start() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
+    _fix_mmap_threshold()
+
+
+def _fix_mmap_threshold() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to fix
+        pass
 
 
 def after_start() -> None:

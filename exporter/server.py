@@ -1,9 +1,11 @@
-"""Wires one sidecar together from Settings: relay, admin port, upstream monitor, sinks."""
+"""Wires one sidecar together from Settings: the proxy port, the admin port, the upstream
+monitor and the observers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 
 import structlog
 from aiohttp import web
@@ -15,19 +17,33 @@ from exporter.auth import ApiKeys
 from exporter.config import HostPort, Settings, settings_pins
 from exporter.gpu import GpuCollector, GpuSampler
 from exporter.models import ModelLabels
-from exporter.proxy import Relay
+from exporter.relay.admission import Admission
+from exporter.relay.client import UpstreamPool
+from exporter.relay.observers import Observer, Observers
+from exporter.relay.proxy import Proxy, ProxySettings
+from exporter.relay.server import raise_fd_limit
+from exporter.relay.upstream import SingleUpstream
 from exporter.state import LiveState
 from exporter.telemetry.logs import AccessLog
 from exporter.telemetry.metrics import RequestMetrics
-from exporter.telemetry.tracing import Tracing, tracing_configured
+from exporter.telemetry.tracing import Tracing, TracingObserver, tracing_configured
 from exporter.upstream.collector import UpstreamCollector
 from exporter.upstream.monitor import UpstreamMonitor
+from exporter.upstream.view import LoadTracking
 
 log = structlog.get_logger("llmtap")
 
 
 class StartupError(RuntimeError):
     """llmtap cannot start (a port is taken, say); the message says why."""
+
+
+def proxy_settings(settings: Settings) -> ProxySettings:
+    return ProxySettings(
+        first_byte_timeout=settings.first_byte_timeout, idle_timeout=settings.idle_timeout,
+        header_timeout=settings.header_timeout,
+        client_idle_timeout=settings.client_idle_timeout,
+        max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies)
 
 
 class Sidecar:
@@ -41,63 +57,70 @@ class Sidecar:
             health_interval=settings.health_interval,
             inventory_interval=settings.inventory_interval,
             pinned=settings_pins(settings), enforce_pins=settings.enforce_pins)
+        self.labels.on_unknown = self.monitor.inventory_stale
         self.registry.register(UpstreamCollector(self.monitor))
         self.gpu = GpuSampler(interval=settings.gpu_interval, mode=settings.gpu)
         self.registry.register(GpuCollector(self.gpu))
         self.metrics = RequestMetrics(self.registry, self.live)
-        try:
-            self.keys = ApiKeys.load(settings.api_key_file) if settings.api_key_file else None
-        except ValueError as exc:
-            raise StartupError(f"--api-key-file: {exc}") from None
-        auth = Gauge("llmtap_auth_enabled", "1 when the proxy port requires an API key",
-                     registry=self.registry)
-        auth.set(1 if self.keys is not None else 0)
-        rejected = Counter("llmtap_auth_rejected",
-                           "Requests refused for a missing or wrong API key",
-                           registry=self.registry)
-        sinks = [self.metrics.observe]
-        if settings.access_log:
-            sinks.append(AccessLog().observe)
         # OTEL_* variables configure tracing; with no endpoint there is no tracer at all.
         try:
             self.tracing = Tracing(self.registry) if tracing_configured() else None
         except ValueError as exc:  # an unsupported OTEL_EXPORTER_OTLP_PROTOCOL, say
             raise StartupError(str(exc)) from None
-        self.relay = Relay(
-            settings.upstream, self.monitor, self.labels, self.live, sinks,
-            connect_timeout=settings.connect_timeout,
-            first_byte_timeout=settings.first_byte_timeout,
-            idle_timeout=settings.idle_timeout,
-            on_retry=self.metrics.retries.inc, tracing=self.tracing, keys=self.keys,
-            on_rejected=rejected.inc, max_waiting_per_model=settings.max_waiting_per_model,
-            max_body_bytes=settings.max_body_bytes)
+        pool = UpstreamPool(settings.connect_timeout, on_retry=self.metrics.retries.inc)
+        upstream = SingleUpstream(settings.upstream, pool, self.monitor)
+        self.proxy = Proxy(upstream, self.labels, self._admission(), self._observers(upstream),
+                           proxy_settings(settings))
         self.draining = False  # set at SIGTERM: /readyz answers 503 from then on
-        self._runners: list[web.AppRunner] = []
+        self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.proxy_address: HostPort | None = None
         self.admin_address: HostPort | None = None
 
+    def _admission(self) -> Admission:
+        settings = self.settings
+        try:
+            keys = ApiKeys.load(settings.api_key_file) if settings.api_key_file else None
+        except ValueError as exc:
+            raise StartupError(f"--api-key-file: {exc}") from None
+        self.keys = keys
+        auth = Gauge("llmtap_auth_enabled", "1 when the proxy port requires an API key",
+                     registry=self.registry)
+        auth.set(1 if keys is not None else 0)
+        rejected = Counter("llmtap_auth_rejected",
+                           "Requests refused for a missing or wrong API key",
+                           registry=self.registry)
+        return Admission(settings.max_body_bytes, keys, rejected.inc, self.monitor.refuses,
+                         self.live, settings.max_waiting_per_model)
+
+    def _observers(self, upstream: SingleUpstream) -> Observers:
+        """In order: the live state first (the router reads it), the access log last."""
+        observers: list[Observer] = [self.live, LoadTracking(self.monitor.view)]
+        if self.tracing is not None:
+            observers.append(TracingObserver(self.tracing, upstream.origin.host,
+                                             upstream.origin.port))
+        observers.append(self.metrics)
+        if self.settings.access_log:
+            observers.append(AccessLog())
+        return Observers(observers)
+
     async def start(self) -> None:
-        await self.relay.start()
-        proxy_app = web.Application()
-        proxy_app.router.add_route("*", "/{tail:.*}", self.relay.handle)
-        # handler_cancellation: a client that disconnects cancels its handler at once, also
-        # while llmtap waits for the upstream's first byte, which closes the upstream request.
-        # keepalive_timeout runs from the moment a connection opens, and a connection whose
-        # request head is still incomplete when it fires is closed: that is the slowloris
-        # deadline (aiohttp has no separate header timeout).
-        proxy = web.AppRunner(proxy_app, handler_cancellation=True, access_log=None,
-                              shutdown_timeout=self.settings.shutdown_timeout,
-                              keepalive_timeout=self.settings.header_timeout)
-        admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor, self.gpu,
-                                               lambda: self.draining),
-                              access_log=None)
-        self.proxy_address = await self._listen(proxy, self.settings.listen, "--listen")
-        if self.keys is None and not _loopback(self.settings.listen.host):
+        raise_fd_limit()
+        listen = self.settings.listen
+        try:
+            port = await self.proxy.start(listen.host, listen.port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {listen} (--listen): {exc.strerror}") \
+                from None
+        self.proxy_address = HostPort(listen.host, port)
+        if self.keys is None and not _loopback(listen.host):
             log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
                         "it: no API keys are configured (--api-key-file)")
-        self.admin_address = await self._listen(admin, self.settings.admin_listen,
-                                                "--admin-listen")
+        self._admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor,
+                                                     self.gpu, lambda: self.draining),
+                                    access_log=None)
+        self.admin_address = await listen_app(self._admin, self.settings.admin_listen,
+                                              " (--admin-listen)")
         # First probe before serving traffic, so the first requests already get the right
         # provider label and model inventory when the upstream is there.
         await self.monitor.poll_once()
@@ -108,23 +131,19 @@ class Sidecar:
                  admin=str(self.admin_address), upstream=self.settings.upstream,
                  kind=self.monitor.kind)
 
-    async def _listen(self, runner: web.AppRunner, address: HostPort, flag: str) -> HostPort:
-        self._runners.append(runner)
-        return await listen(runner, address, f" ({flag})")
-
     async def stop(self) -> None:
         """Drain: /readyz says not ready and the proxy stops accepting in the same step (no
         request can slip in between), in-flight requests get --shutdown-timeout seconds to
         finish, then the rest shuts down."""
         self.draining = True
-        for runner in self._runners:  # the proxy's first: it closes its listener at once
-            await runner.cleanup()
+        await self.proxy.stop(self.settings.shutdown_timeout)
+        if self._admin is not None:
+            await self._admin.cleanup()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.relay.close()
         if self.tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
@@ -134,8 +153,8 @@ async def serve(settings: Settings) -> None:
     await runtime.run_until_signalled(lambda: Sidecar(settings), "llmtap")
 
 
-async def listen(runner: web.AppRunner, address: HostPort, what: str = "") -> HostPort:
-    """Serve `runner` on `address`; the address really bound (port 0 becomes the kernel's)."""
+async def listen_app(runner: web.AppRunner, address: HostPort, what: str = "") -> HostPort:
+    """Serve an aiohttp app (the admin port) on `address`; the address really bound."""
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
     try:
@@ -147,8 +166,6 @@ async def listen(runner: web.AppRunner, address: HostPort, what: str = "") -> Ho
 
 
 def _loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:

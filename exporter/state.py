@@ -1,9 +1,9 @@
 """Live per-model state: what is in flight and waiting now, and EWMAs of recent requests.
 
-The relay moves the counters as a request passes arrival, first token and end (plain integer
-updates, no metric calls); the Prometheus collector and `/llmtap/v1/state` read them. The
-router (a later module) decides from this snapshot, so it must stay cheap to build and never
-contain request content.
+An observer of the relay: the counters move as a request starts, gets its first token and
+ends (plain integer updates, no metric calls); the Prometheus collector and
+`/llmtap/v1/state` read them. The router decides from this snapshot, so it must stay cheap
+to build and never contain request content.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.record import RequestRecord
+from exporter.relay.observers import Observer
 
 # Weight of the newest request in the moving averages: ~the last 10 requests dominate.
 EWMA_ALPHA = 0.2
@@ -18,7 +19,8 @@ EWMA_ALPHA = 0.2
 GaugeKey = tuple[str, str, str]  # (provider, operation, model label)
 
 
-def _ewma(previous: float | None, value: float) -> float:
+def ewma(previous: float | None, value: float) -> float:
+    """The one moving average llmtap keeps (the sidecar's state and the router's alike)."""
     return value if previous is None else previous + EWMA_ALPHA * (value - previous)
 
 
@@ -63,7 +65,7 @@ class ModelState:
         }
 
 
-class LiveState:
+class LiveState(Observer):
     def __init__(self) -> None:
         # [in_flight, waiting] per label set; entries are kept at 0 so gauges read 0, not absent.
         self.gauges: dict[GaugeKey, list[int]] = {}
@@ -75,43 +77,50 @@ class LiveState:
             state = self.models[label] = ModelState()
         return state
 
-    def started(self, key: GaugeKey) -> None:
+    def started(self, record: RequestRecord) -> None:
+        if not record.operation:
+            return
+        key = (record.provider, record.operation, record.live_label)
         counts = self.gauges.get(key)
         if counts is None:
             counts = self.gauges[key] = [0, 0]
         counts[0] += 1
         counts[1] += 1
-        model = self._model(key[2])
+        model = self._model(record.live_label)
         model.in_flight += 1
         model.waiting += 1
 
-    def first_token(self, key: GaugeKey) -> None:
-        self.gauges[key][1] -= 1
-        self.models[key[2]].waiting -= 1
+    def first_token(self, record: RequestRecord) -> None:
+        if not record.operation:
+            return
+        self.gauges[(record.provider, record.operation, record.live_label)][1] -= 1
+        self.models[record.live_label].waiting -= 1
 
-    def finished(self, key: GaugeKey, still_waiting: bool, record: RequestRecord) -> None:
-        counts = self.gauges[key]
+    def finished(self, record: RequestRecord) -> None:
+        if not record.operation:
+            return
+        counts = self.gauges[(record.provider, record.operation, record.live_label)]
         counts[0] -= 1
-        model = self.models[key[2]]
+        model = self.models[record.live_label]
         model.in_flight -= 1
-        if still_waiting:
+        if record.waiting:
             counts[1] -= 1
             model.waiting -= 1
         # Averages go to the label the answer settled on (it can differ from the arrival one).
-        settled = self._model(record.model_label or key[2])
+        settled = self._model(record.model_label or record.live_label)
         settled.requests += 1
         failed = bool(record.error_type)
         settled.errors += failed
-        settled.error_rate = _ewma(settled.error_rate, float(failed))
+        settled.error_rate = ewma(settled.error_rate, float(failed))
         if failed:
             return
         if (ttft := record.ttft) is not None:
-            settled.ttft = _ewma(settled.ttft, ttft)
+            settled.ttft = ewma(settled.ttft, ttft)
         if (load := record.cold_load) is not None:
-            settled.load_seconds = _ewma(settled.load_seconds, load)
+            settled.load_seconds = ewma(settled.load_seconds, load)
         if (tpot := record.tpot) is not None and tpot > 0:
-            settled.tpot = _ewma(settled.tpot, tpot)
-            settled.decode_tps = _ewma(settled.decode_tps, 1.0 / tpot)
+            settled.tpot = ewma(settled.tpot, tpot)
+            settled.decode_tps = ewma(settled.decode_tps, 1.0 / tpot)
 
     def snapshot(self) -> dict[str, Any]:
         return {label: state.as_dict() for label, state in sorted(self.models.items())}

@@ -14,7 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from exporter.protocols import ENDPOINTS, ResponseObserver
+    from exporter.protocols import ENDPOINTS
+    from exporter.protocols.observe import ResponseObserver
     from exporter.record import RequestRecord
 
 PATHS = sorted(ENDPOINTS)
@@ -27,7 +28,7 @@ def _facts(path: str, media: str, pieces: list[bytes]) -> tuple[object, ...]:
     observer = ResponseObserver(ENDPOINTS[path], record, media)
     for piece in pieces:
         observer.feed(piece, 1.0)
-    observer.close(1.0)
+    observer.finish(True)
     return (record.input_tokens, record.output_tokens, record.token_chunks,
             record.unparseable, record.error_type, tuple(record.finish_reasons))
 

@@ -52,15 +52,23 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
 class Process:
     """A child process with its output in a log file, stopped (and reaped) on exit."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None,
+                 nofile: int | None = None) -> None:
         fd, name = tempfile.mkstemp(prefix="llmtap-test-", suffix=".log")
         self.log = Path(name)
         self._log_file = os.fdopen(fd, "wb")
+
+        def limit() -> None:  # nofile: the child's open-file limit, soft and hard
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         # Own process group: llama-cpp-server is a wrapper that does not pass SIGTERM on to
         # the llama-server it starts, so stop() signals the whole group.
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, cwd=ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=limit)
 
     def wait_until_up(self, wait: Callable[[], None]) -> None:
         """Run the readiness wait; a child that never comes up is stopped, not leaked."""
@@ -111,14 +119,15 @@ class Simulator(Process):
 
 class Llmtap(Process):
     def __init__(self, upstream: str, *args: str, ready: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         super().__init__([sys.executable, "-m", "exporter", "serve", "--upstream", upstream,
                           "--listen", f"127.0.0.1:{self.port}",
-                          "--admin-listen", f"127.0.0.1:{self.admin_port}", *args], env=env)
+                          "--admin-listen", f"127.0.0.1:{self.admin_port}", *args], env=env,
+                         nofile=nofile)
         probe = self.admin + ("/readyz" if ready else "/healthz")
         self.wait_until_up(lambda: wait_http(probe, 30, self.proc, self.log))
 

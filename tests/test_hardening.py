@@ -98,6 +98,12 @@ async def test_the_key_is_stripped_before_forwarding(tmp_path: Path) -> None:
             forwarded = orjson.loads(body)["headers"]
             assert "authorization" not in forwarded
             assert key not in body.decode()
+            # The key in both headers: neither reaches the upstream.
+            _, _, body = await send(tap.url + "/v1/models", {"Authorization": f"Bearer {key}",
+                                                             "x-api-key": key})
+            forwarded = orjson.loads(body)["headers"]
+            assert "authorization" not in forwarded and "x-api-key" not in forwarded
+            assert key not in body.decode()
 
 
 def test_key_checks_do_the_same_work_whatever_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +122,7 @@ def test_key_checks_do_the_same_work_whatever_the_prefix(monkeypatch: pytest.Mon
     target = keys["k2"]
     for presented in (target, target[:-1] + "x", "x" + target[1:], "short", target + "x"):
         calls.clear()
-        admitted = api_keys.check({"x-api-key": presented})
+        admitted = api_keys.check({b"x-api-key": presented.encode()})
         assert calls == [(32, 32)] * 5
         assert (admitted is not None) == (presented == target)
 
@@ -244,7 +250,7 @@ async def test_ollama_stream_broken_off_ends_with_an_error_line() -> None:
             assert status == 200
             assert body.startswith(first + partial)  # everything that came was relayed
             last = orjson.loads(body.splitlines()[-1])
-            assert last == {"error": "the upstream broke off the answer"}
+            assert last == {"error": "the model server broke off the answer"}
             assert tap.metrics().value("gen_ai_server_request_duration_seconds_count",
                                        error_type="upstream_reset") == 1
 

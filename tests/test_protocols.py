@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.protocols import ENDPOINTS, ResponseObserver, parse_request_body
+from exporter.protocols import ENDPOINTS, parse_request_body
 from exporter.protocols.framing import MAX_LINE_BYTES
-from exporter.record import UPSTREAM_ERROR, RequestRecord
+from exporter.protocols.observe import ResponseObserver
+from exporter.record import Outcome, RequestRecord
 
 # Ollama docs/api.md, "Chat request (streaming)": two chunks and the final line.
 OLLAMA_CHAT = (
@@ -72,7 +73,7 @@ def observe(path: str, content_type: str, chunks: list[bytes],
     times = times or [float(i + 1) for i in range(len(chunks))]
     for chunk, now in zip(chunks, times, strict=True):
         observer.feed(chunk, now)
-    observer.close(times[-1] if times else 0.0)
+    observer.finish(True)
     return record
 
 
@@ -109,7 +110,7 @@ def test_ollama_whole_answer_counts_when_relayed() -> None:
 def test_ollama_error_line_mid_stream_is_an_error() -> None:
     data = OLLAMA_CHAT.split(b"\n")[0] + b'\n{"error":"model runner has unexpectedly stopped"}\n'
     record = observe("/api/chat", "application/x-ndjson", [data])
-    assert record.error_type == UPSTREAM_ERROR
+    assert record.outcome is Outcome.UPSTREAM_ERROR
     assert record.token_chunks == 1
 
 

@@ -126,7 +126,7 @@ async def test_hop_by_hop_headers_are_not_forwarded(echo: RawUpstream) -> None:
                 "Connection": "keep-alive, X-Private",
                 "X-Private": "hop", "Keep-Alive": "timeout=1", "TE": "trailers",
                 "Proxy-Authorization": "Basic c2VjcmV0", "Authorization": "Bearer end-to-end",
-                "X-Forwarded-For": "10.1.1.1", "Accept-Encoding": "gzip"},
+                "Accept-Encoding": "gzip"},
             skip_auto_headers=["User-Agent"])
         assert status == 200
         seen = orjson.loads(body)
@@ -136,11 +136,32 @@ async def test_hop_by_hop_headers_are_not_forwarded(echo: RawUpstream) -> None:
             assert hop not in headers
         assert headers["authorization"] == "Bearer end-to-end"
         assert headers["accept-encoding"] == "gzip"
-        assert headers["x-forwarded-for"] == "10.1.1.1, 127.0.0.1"
-        assert headers["x-forwarded-proto"] == "http"
-        assert headers["x-forwarded-host"] == f"127.0.0.1:{tap.port}"
         assert headers["host"] == echo.url.removeprefix("http://")
         assert "user-agent" not in headers  # llmtap adds nothing the client did not send
+
+
+SPOOFED = {"X-Forwarded-For": "10.1.1.1", "X-Forwarded-Proto": "https",
+           "X-Forwarded-Host": "bank.example", "Forwarded": "for=10.1.1.1;proto=https"}
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_forwarded_headers_come_from_the_connection_unless_the_peer_is_trusted(
+        echo: RawUpstream, trusted: bool) -> None:
+    """Any client can write X-Forwarded-*: only a peer in --trusted-proxies is believed."""
+    flags = ("--trusted-proxies", "127.0.0.0/8") if trusted else ()
+    with running(Llmtap(echo.url, "--upstream-kind", "openai", *flags, ready=False)) as tap:
+        _, _, body = await get_raw(tap.url + "/v1/models", headers=SPOOFED)
+        headers = orjson.loads(body)["headers"]
+        if trusted:
+            assert headers["x-forwarded-for"] == "10.1.1.1, 127.0.0.1"
+            assert headers["x-forwarded-proto"] == "https"
+            assert headers["x-forwarded-host"] == "bank.example"
+            assert headers["forwarded"] == SPOOFED["Forwarded"]
+        else:
+            assert headers["x-forwarded-for"] == "127.0.0.1"
+            assert headers["x-forwarded-proto"] == "http"
+            assert headers["x-forwarded-host"] == f"127.0.0.1:{tap.port}"
+            assert "forwarded" not in headers
 
 
 async def test_request_body_is_forwarded_whole_and_streamed(echo: RawUpstream) -> None:

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from exporter.config import ConfigError
+from exporter.events import RequestInfo
 from exporter.protocols import endpoint_for
-from exporter.protocols.base import RequestInfo
 from exporter.routing.classifier import HEAVY, LIGHT, RuleClassifier, load_classifier, safe_classify
 from exporter.routing.config import BreakerSpec, ClassifierSpec, CloudSpec, parse_config
 from exporter.routing.registry import CLOSED, HALF_OPEN, OPEN, Breaker, Cloud, Registry
@@ -389,13 +389,14 @@ def test_sidecar_state_publishes_cold_load_time() -> None:
     from exporter.state import LiveState
 
     live = LiveState()
-    key = ("ollama", "chat", "m")
     for loaded, load in ((False, 4.0), (True, 0.5), (False, 2.0)):
         record = RequestRecord("POST", "/api/chat", 0.0)
+        record.provider, record.operation, record.live_label = "ollama", "chat", "m"
         record.model_was_loaded = loaded
         record.server_timings["load_duration"] = load
         record.model_label = "m"
-        live.started(key)
-        live.finished(key, True, record)
+        live.started(record)
+        record.waiting = True
+        live.finished(record)
     ewma = live.snapshot()["m"]["ewma"]
     assert ewma["load_seconds"] == pytest.approx(4.0 + 0.2 * (2.0 - 4.0))  # warm ones skipped

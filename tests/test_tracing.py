@@ -76,7 +76,10 @@ async def test_one_span_per_request_with_genai_attributes(sim: Simulator) -> Non
             assert len(receiver.spans) == 4, [s["name"] for s in receiver.spans]
 
             named = by_name(spans)
-            chat = named["chat sim-small"][0]
+            # Span names carry the bounded model label, never the client's string.
+            assert set(named) == {"chat sim-small:latest", "chat sim-large:latest",
+                                  "chat other", "text_completion sim-small:latest"}
+            chat = named["chat sim-small:latest"][0]
             assert (chat["trace_id"], chat["parent_span_id"]) == (PARENT_TRACE, PARENT_SPAN)
             assert chat["kind"] == SPAN_KIND_CLIENT and chat["status_code"] != STATUS_ERROR
             attributes = chat["attributes"]
@@ -98,7 +101,7 @@ async def test_one_span_per_request_with_genai_attributes(sim: Simulator) -> Non
             assert chat["resource"]["service.name"] == "llmtap-test"
             assert "Why is the sky blue" not in orjson.dumps(spans).decode()  # never prompts
 
-            whole = named["chat sim-large"][0]
+            whole = named["chat sim-large:latest"][0]
             assert whole["parent_span_id"] == ""  # no caller context: a root span
             assert whole["attributes"]["gen_ai.request.stream"] is False
             assert whole["attributes"]["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
@@ -106,10 +109,10 @@ async def test_one_span_per_request_with_genai_attributes(sim: Simulator) -> Non
                 "completion_tokens"]
             assert whole["attributes"]["gen_ai.response.id"].startswith("chatcmpl-")
 
-            failed = named["chat nope"][0]
+            failed = named["chat other"][0]
             assert failed["status_code"] == STATUS_ERROR
             assert failed["attributes"]["error.type"] == "404"
-            cancelled = named["text_completion sim-small"][0]
+            cancelled = named["text_completion sim-small:latest"][0]
             assert cancelled["status_code"] == STATUS_ERROR
             assert cancelled["attributes"]["error.type"] == "cancelled"
             assert all(s["end"] >= s["start"] for s in spans)
@@ -130,6 +133,30 @@ async def test_one_span_per_request_with_genai_attributes(sim: Simulator) -> Non
             logged = [line for line in tap.json_lines("request") if line.get("trace_id")]
             assert {line["trace_id"] for line in logged} == {s["trace_id"] for s in spans}
             assert {line["span_id"] for line in logged} == {s["span_id"] for s in spans}
+
+
+async def test_huge_model_names_stay_out_of_spans_and_memory(sim: Simulator) -> None:
+    """A client naming a 400 KB model: the span is named by the bounded label, the attribute
+    is cut to 128 characters, and llmtap's memory stays bounded (it grew by 243 MB over 300
+    such requests when the name went into spans whole)."""
+    async with HTTPReceiver() as receiver:
+        with running(Llmtap(sim.url, env=otel_env(receiver.port))) as tap:
+            huge = "m" * 400_000
+            rss_before = tap.state()["process"]["rss_bytes"]
+            async with aiohttp.ClientSession() as session:
+                for _ in range(300):
+                    async with session.post(tap.url + "/api/chat",
+                                            json={"model": huge, "messages": CHAT}) as resp:
+                        assert resp.status == 404
+                        await resp.read()
+            spans = await receiver.wait_for(300)
+            rss_after = tap.state()["process"]["rss_bytes"]
+            assert {span["name"] for span in spans} == {"chat other"}
+            assert {len(span["attributes"]["gen_ai.request.model"]) for span in spans} == {128}
+            print(f"\nRSS before {rss_before / 2**20:.1f} MB, after 300 requests naming a "
+                  f"400 KB model {rss_after / 2**20:.1f} MB")
+            # Each request holds ~15 copies of its body while it is relayed; none outlives it.
+            assert rss_after - rss_before < 60 * 2**20
 
 
 async def test_upstream_sees_llmtaps_span_as_parent() -> None:
@@ -176,7 +203,8 @@ async def test_real_llama_server_spans(llama_server: LlamaServer) -> None:
             error, cancelled = spans[2], spans[3]
             assert (error["status_code"], error["attributes"]["error.type"]) == (STATUS_ERROR,
                                                                                  "400")
-            assert cancelled["name"] == "text_completion"  # /completion names no model
+            # /completion names no model: llama-server's one model is its label
+            assert cancelled["name"] == f"text_completion {llama_server.model}"
             assert cancelled["attributes"]["error.type"] == "cancelled"
             for span, usage in zip(spans[:2], (whole.usage, chunks[-1].usage), strict=True):
                 attributes = span["attributes"]
@@ -196,7 +224,7 @@ async def test_grpc_protocol(sim: Simulator) -> None:
                                                            "input": ["a", "b"]})
             assert status == 200
             spans = await receiver.wait_for(1)
-            assert [s["name"] for s in spans] == ["embeddings sim-small"]
+            assert [s["name"] for s in spans] == ["embeddings sim-small:latest"]
             assert spans[0]["attributes"]["gen_ai.operation.name"] == "embeddings"
 
 

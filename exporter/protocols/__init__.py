@@ -1,7 +1,9 @@
 """Wire dialects: which paths llmtap observes, how to read their requests and responses.
 
 The path decides the dialect (a client speaking OpenAI's API to Ollama is parsed as OpenAI);
-the upstream kind decides the provider label. Everything here is sans-IO.
+the upstream kind decides the provider label. Everything here is sans-IO: framers turn bytes
+into JSON values, dialects turn values into events (exporter/events.py), and
+`observe.ResponseObserver` ties the two to one request's record.
 """
 
 from __future__ import annotations
@@ -12,12 +14,8 @@ from typing import Any
 
 import orjson
 
+from exporter.events import CHAT, EMBEDDINGS, TEXT_COMPLETION, Event, RequestInfo
 from exporter.protocols import llamacpp, ollama, openai
-from exporter.protocols.base import RequestInfo
-from exporter.protocols.framing import Framer, framer_for
-from exporter.record import CHAT, EMBEDDINGS, TEXT_COMPLETION, RequestRecord
-
-ObjectHandler = Callable[[RequestRecord, Any, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +23,11 @@ class Endpoint:
     dialect: str  # provider name of the dialect's home server, used until the kind is known
     operation: str
     parse_request: Callable[[dict[str, Any]], RequestInfo]
-    on_object: ObjectHandler
+    events: Callable[[dict[str, Any]], tuple[Event, ...]]
 
 
 def _endpoint(module: Any, operation: str) -> Endpoint:
-    return Endpoint(module.PROVIDER, operation, module.parse_request, module.on_object)
+    return Endpoint(module.PROVIDER, operation, module.parse_request, module.events)
 
 
 # POST paths llmtap observes; every other method and path is relayed without observing.
@@ -63,32 +61,3 @@ def parse_request_body(endpoint: Endpoint, body: bytes | None) -> RequestInfo:
     if type(obj) is not dict:
         return RequestInfo()
     return endpoint.parse_request(obj)
-
-
-class ResponseObserver:
-    """Feeds relayed response bytes of one request into its record.
-
-    `feed` is called after each chunk has been written to the client, with the time it was
-    written; it never raises and never alters or delays the bytes.
-    """
-
-    __slots__ = ("_framer", "feed")
-
-    def __init__(self, endpoint: Endpoint, record: RequestRecord, content_type: str) -> None:
-        on_object = endpoint.on_object
-
-        def handle(obj: Any, now: float) -> None:
-            on_object(record, obj, now)
-
-        framer: Framer | None = framer_for(content_type, handle, record)
-        self._framer = framer
-        # Bind once so the per-chunk call is a single attribute lookup.
-        self.feed = framer.feed if framer is not None else _ignore
-
-    def close(self, now: float) -> None:
-        if self._framer is not None:
-            self._framer.close(now)
-
-
-def _ignore(data: bytes, now: float) -> None:
-    """Bodies of a media type llmtap does not parse (an HTML error page, say)."""

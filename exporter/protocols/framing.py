@@ -1,9 +1,10 @@
-"""Sans-IO response framers: bytes in, parsed JSON objects out to a callback.
+"""Sans-IO response framers: bytes in, parsed JSON values out to a callback.
 
 Three framings cover every dialect: NDJSON (Ollama streams), SSE (OpenAI-compatible and
-llama.cpp streams) and one whole JSON document (non-streamed answers). Each is fed the chunks
-exactly as they were relayed, however the network split them, and never raises: bytes it
-cannot parse are counted on the record and skipped.
+llama.cpp streams, and the router's translation of cloud answers) and one whole JSON document
+(non-streamed answers). Each is fed the chunks exactly as they were relayed, however the
+network split them, and never raises: bytes it cannot parse are counted in `unparseable` and
+skipped. Framers know nothing of requests or time; the caller does.
 
 Like h11's receive buffer, the line framer resumes its newline search where the previous one
 stopped, so a line that arrives in a thousand small pieces costs O(bytes), not O(bytes²).
@@ -17,44 +18,48 @@ from typing import Any, Protocol
 
 import orjson
 
-from exporter.record import RequestRecord
-
 # A streamed frame is a few hundred bytes; 1 MiB leaves room for big tool-call arguments.
 MAX_LINE_BYTES = 1 << 20
 # Non-streamed answers (embeddings of a large batch) can be big; past this we stop parsing.
 MAX_DOCUMENT_BYTES = 32 << 20
 
-ObjectHandler = Callable[[Any, float], None]
+OnValue = Callable[[Any], None]
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 
 
 class Framer(Protocol):
-    def feed(self, data: bytes, now: float) -> None: ...
-    def close(self, now: float) -> None: ...
+    unparseable: int
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class LineFramer:
-    """Splits a byte stream into lines (\\n or \\r\\n) and hands each to `on_line`."""
+    """Splits a byte stream into lines (\\n or \\r\\n) and hands each to `_line`, which
+    the framers below implement (a subclass, not a callback: no reference cycle to collect)."""
 
-    __slots__ = ("_buf", "_discarding", "_on_line", "_record", "_scan")
+    __slots__ = ("_buf", "_discarding", "_scan", "overflows")
 
-    def __init__(self, on_line: Callable[[bytes, float], None], record: RequestRecord) -> None:
+    def __init__(self) -> None:
         self._buf = bytearray()
         self._scan = 0  # bytes of _buf already searched for a newline
         self._discarding = False  # inside an over-long line: drop bytes until its newline
-        self._on_line = on_line
-        self._record = record
+        self.overflows = 0
 
-    def feed(self, data: bytes, now: float) -> None:
+    def _line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
         buf = self._buf
         if not buf and not self._discarding:
-            # Fast path (the common case: each chunk holds whole frames): no copy into the buffer.
+            # Fast path (the common case: each chunk holds whole frames): no copy into a buffer.
             start = 0
             find = data.find
-            on_line = self._on_line
+            on_line = self._line
             while (nl := find(b"\n", start)) >= 0:
-                on_line(data[start:nl], now)
+                on_line(data[start:nl])
                 start = nl + 1
             if start < len(data):
                 self._keep(data[start:] if start else data)
@@ -69,7 +74,7 @@ class LineFramer:
         start = 0
         scan = self._scan
         while (nl := buf.find(b"\n", scan)) >= 0:
-            self._on_line(bytes(buf[start:nl]), now)
+            self._line(bytes(buf[start:nl]))
             start = scan = nl + 1
         if start:
             del buf[:start]
@@ -87,71 +92,70 @@ class LineFramer:
         self._buf.clear()
         self._scan = 0
         self._discarding = True
-        self._record.unparseable += 1
+        self.overflows += 1
 
-    def close(self, now: float) -> None:
+    def close(self) -> None:
         if self._buf:
             line = bytes(self._buf)
             self._buf.clear()
             self._scan = 0
-            self._on_line(line, now)
+            self._line(line)
 
 
-def _parse(data: bytes, record: RequestRecord) -> Any:
-    try:
-        return _loads(data)
-    except _JSONDecodeError:
-        record.unparseable += 1
-        return None
+class NDJSONFramer(LineFramer):
+    """One JSON value per line (Ollama's streaming format)."""
 
+    __slots__ = ("_bad", "_on_value")
 
-class NDJSONFramer:
-    """One JSON object per line (Ollama's streaming format)."""
+    def __init__(self, on_value: OnValue) -> None:
+        super().__init__()
+        self._on_value = on_value
+        self._bad = 0
 
-    __slots__ = ("_lines", "_on_object", "_record")
+    @property
+    def unparseable(self) -> int:
+        return self._bad + self.overflows
 
-    def __init__(self, on_object: ObjectHandler, record: RequestRecord) -> None:
-        self._on_object = on_object
-        self._record = record
-        self._lines = LineFramer(self._line, record)
-
-    def _line(self, line: bytes, now: float) -> None:
+    def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line.strip():
             return
-        obj = _parse(line, self._record)
-        if obj is not None:
-            self._on_object(obj, now)
-
-    def feed(self, data: bytes, now: float) -> None:
-        self._lines.feed(data, now)
-
-    def close(self, now: float) -> None:
-        self._lines.close(now)
+        try:
+            value = _loads(line)
+        except _JSONDecodeError:
+            self._bad += 1
+            return
+        self._on_value(value)
 
 
-class SSEFramer:
-    """Server-sent events: `data:` lines joined until a blank line, then one JSON event.
+class SSEFramer(LineFramer):
+    """Server-sent events: `data:` lines joined until a blank line, then one JSON value.
 
-    `data: [DONE]` (OpenAI's terminator) is not an object and is skipped. llama.cpp has sent
-    errors as an `error:` field in some versions; that field is treated like `data:`.
+    `data: [DONE]` (OpenAI's terminator) is not JSON: it calls `on_done`. Comments (`:`
+    lines: llama-server's pings), `event:`, `id:` and `retry:` carry nothing llmtap measures.
+    llama.cpp has sent errors as an `error:` field in some versions; it is read like `data:`.
     """
 
-    __slots__ = ("_data", "_lines", "_more", "_on_object", "_record")
+    __slots__ = ("_bad", "_data", "_more", "_on_done", "_on_value")
 
-    def __init__(self, on_object: ObjectHandler, record: RequestRecord) -> None:
-        self._on_object = on_object
-        self._record = record
+    def __init__(self, on_value: OnValue, on_done: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self._on_value = on_value
+        self._on_done = on_done
+        self._bad = 0
         self._data: bytes | None = None  # first data line of the pending event
         self._more: list[bytes] | None = None  # further data lines (rare)
-        self._lines = LineFramer(self._line, record)
 
-    def _line(self, line: bytes, now: float) -> None:
+    @property
+    def unparseable(self) -> int:
+        return self._bad + self.overflows
+
+    def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
-            self._dispatch(now)
+            self._dispatch()
             return
         if line.startswith(b"data:") or line.startswith(b"error:"):
             value = line[line.index(b":") + 1 :]
@@ -163,9 +167,8 @@ class SSEFramer:
                 self._more = [value]
             else:
                 self._more.append(value)
-        # comments (":"), event:, id:, retry: carry nothing llmtap measures
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self) -> None:
         data = self._data
         if data is None:
             return
@@ -174,61 +177,64 @@ class SSEFramer:
             self._more = None
         self._data = None
         if data == b"[DONE]":
+            if self._on_done is not None:
+                self._on_done()
             return
-        obj = _parse(data, self._record)
-        if obj is not None:
-            self._on_object(obj, now)
+        try:
+            value = _loads(data)
+        except _JSONDecodeError:
+            self._bad += 1
+            return
+        self._on_value(value)
 
-    def feed(self, data: bytes, now: float) -> None:
-        self._lines.feed(data, now)
-
-    def close(self, now: float) -> None:
-        self._lines.close(now)
-        self._dispatch(now)  # a stream that ended without the final blank line
+    def close(self) -> None:
+        super().close()
+        self._dispatch()  # a stream that ended without the final blank line
 
 
 class DocumentFramer:
     """A whole JSON document (non-streamed answer): parsed once, at the end of the body."""
 
-    __slots__ = ("_buf", "_last", "_on_object", "_overflowed", "_record")
+    __slots__ = ("_buf", "_on_value", "_overflowed", "unparseable")
 
-    def __init__(self, on_object: ObjectHandler, record: RequestRecord) -> None:
-        self._on_object = on_object
-        self._record = record
+    def __init__(self, on_value: OnValue) -> None:
+        self._on_value = on_value
         self._buf = bytearray()
         self._overflowed = False
-        self._last = 0.0
+        self.unparseable = 0
 
-    def feed(self, data: bytes, now: float) -> None:
-        self._last = now
+    def feed(self, data: bytes) -> None:
         if self._overflowed:
             return
         self._buf += data
         if len(self._buf) > MAX_DOCUMENT_BYTES:
             self._buf = bytearray()
             self._overflowed = True
-            self._record.unparseable += 1
+            self.unparseable += 1
 
-    def close(self, now: float) -> None:
+    def close(self) -> None:
         if self._overflowed or not self._buf.strip():
             return
-        obj = _parse(self._buf, self._record)
-        self._buf = bytearray()
-        if obj is not None:
-            # The answer reached the client when its last byte was relayed.
-            self._on_object(obj, self._last or now)
+        buf, self._buf = self._buf, bytearray()
+        try:
+            value = _loads(buf)
+        except _JSONDecodeError:
+            self.unparseable += 1
+            return
+        self._on_value(value)
 
 
-def framer_for(content_type: str, on_object: ObjectHandler, record: RequestRecord) -> Framer | None:
-    """Pick the framing from the response's media type; None when it is not one we parse."""
+STREAM_MEDIA = {"text/event-stream": SSEFramer, "application/x-ndjson": NDJSONFramer,
+                "application/jsonl": NDJSONFramer, "application/jsonlines": NDJSONFramer}
+
+
+def framer_for(content_type: str, on_value: OnValue) -> tuple[Framer | None, bool | None]:
+    """The framing for a response's media type, and whether it is a stream; (None, None)
+    when it is not a media type llmtap parses (an HTML error page, say)."""
     media = content_type.partition(";")[0].strip().lower()
-    if media == "text/event-stream":
-        record.stream = True
-        return SSEFramer(on_object, record)
-    if media in ("application/x-ndjson", "application/jsonl", "application/jsonlines"):
-        record.stream = True
-        return NDJSONFramer(on_object, record)
+    streamed = STREAM_MEDIA.get(media)
+    if streamed is not None:
+        return streamed(on_value), True
     if media == "application/json" or media.endswith("+json"):
-        record.stream = False
-        return DocumentFramer(on_object, record)
-    return None
+        return DocumentFramer(on_value), False
+    return None, None

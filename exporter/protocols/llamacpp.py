@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.protocols.base import (
+from exporter.events import (
+    JUST_A_TOKEN,
+    NO_EVENTS,
+    TOKEN,
+    UPSTREAM_ERROR,
+    Event,
+    Finished,
     RequestInfo,
-    answer_object,
-    count,
-    note_llamacpp_timings,
-    note_token,
-    number,
-    request_info,
+    Usage,
 )
-from exporter.record import UPSTREAM_ERROR, RequestRecord
+from exporter.protocols.common import count, llamacpp_timings, number, request_info
 
 PROVIDER = "llama.cpp"
 
@@ -31,23 +32,20 @@ def parse_request(body: dict[str, Any]) -> RequestInfo:
     return info
 
 
-def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if answer_object(record, obj) is None:
-        return
-    if obj.get("content"):
-        note_token(record, now)
+def events(obj: dict[str, Any]) -> tuple[Event, ...]:
+    token = bool(obj.get("content"))
+    if obj.get("stop") is not True and "error" not in obj:
+        return JUST_A_TOKEN if token else NO_EVENTS
+    found: list[Event] = [TOKEN] if token else []
     if obj.get("stop") is True:
-        predicted = count(obj.get("tokens_predicted"))
-        if predicted is not None:
-            record.output_tokens = predicted
-        evaluated = count(obj.get("tokens_evaluated"))
-        if evaluated is not None:
-            record.input_tokens = evaluated
+        found.append(Usage(count(obj.get("tokens_evaluated")),
+                           count(obj.get("tokens_predicted"))))
         reason = obj.get("stop_type")
         if isinstance(reason, str) and reason:
-            record.finish_reasons.append(reason)
+            found.append(Finished(reason))
         timings = obj.get("timings")
         if type(timings) is dict:
-            note_llamacpp_timings(record, timings)
+            found += llamacpp_timings(timings)
     if "error" in obj:
-        record.error_type = UPSTREAM_ERROR
+        found.append(UPSTREAM_ERROR)
+    return tuple(found)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.protocols.base import (
+from exporter.events import (
+    JUST_A_TOKEN,
+    NO_EVENTS,
+    TOKEN,
+    UPSTREAM_ERROR,
+    Event,
+    Finished,
     RequestInfo,
-    answer_object,
-    count,
-    note_token,
-    number,
-    request_info,
+    ServerTimings,
+    Usage,
 )
-from exporter.record import UPSTREAM_ERROR, RequestRecord
+from exporter.protocols.common import count, number, request_info
 
 PROVIDER = "ollama"
 TIMING_FIELDS = (
@@ -39,33 +42,35 @@ def parse_request(body: dict[str, Any]) -> RequestInfo:
     return info
 
 
-def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if answer_object(record, obj) is None:
-        return
+def _is_token(obj: dict[str, Any]) -> bool:
     message = obj.get("message")
     if type(message) is dict:
-        if message.get("content") or message.get("thinking") or message.get("tool_calls"):
-            note_token(record, now)
-    elif obj.get("response") or obj.get("thinking"):
-        note_token(record, now)
-    if obj.get("done") is True or "embeddings" in obj or "embedding" in obj:
-        _final(record, obj)
+        return bool(message.get("content") or message.get("thinking")
+                    or message.get("tool_calls"))
+    return bool(obj.get("response") or obj.get("thinking"))
+
+
+def events(obj: dict[str, Any]) -> tuple[Event, ...]:
+    token = _is_token(obj)
+    final = obj.get("done") is True or "embeddings" in obj or "embedding" in obj
+    if not final and "error" not in obj:
+        return JUST_A_TOKEN if token else NO_EVENTS
+    found: list[Event] = [TOKEN] if token else []
+    if final:
+        found += _final(obj)
     elif "error" in obj:
-        record.error_type = UPSTREAM_ERROR
+        found.append(UPSTREAM_ERROR)
+    return tuple(found)
 
 
-def _final(record: RequestRecord, obj: dict[str, Any]) -> None:
-    prompt = count(obj.get("prompt_eval_count"))
-    if prompt is not None:
-        record.input_tokens = prompt
-    evals = count(obj.get("eval_count"))
-    if evals is not None:
-        record.output_tokens = evals
+def _final(obj: dict[str, Any]) -> list[Event]:
+    found: list[Event] = [Usage(count(obj.get("prompt_eval_count")),
+                                count(obj.get("eval_count")))]
     reason = obj.get("done_reason")
     if isinstance(reason, str) and reason:
-        record.finish_reasons.append(reason)
-    timings = record.server_timings
-    for name in TIMING_FIELDS:
-        value = count(obj.get(name))
-        if value is not None:
-            timings[name] = value / 1e9  # nanoseconds → seconds
+        found.append(Finished(reason))
+    timings = tuple((name, value / 1e9) for name in TIMING_FIELDS  # nanoseconds → seconds
+                    if (value := count(obj.get(name))) is not None)
+    if timings:
+        found.append(ServerTimings(timings))
+    return found

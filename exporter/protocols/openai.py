@@ -2,24 +2,27 @@
 
 Served by Ollama, llama.cpp and vLLM alike. Streams are SSE; the first event may carry only
 the role, so the first token is the first non-empty `delta.content`, `delta.reasoning_content`
-(`delta.reasoning` on some servers), `delta.tool_calls` or `text`. Usage arrives only when the
-request set `stream_options.include_usage`; llama.cpp adds `timings` on the final event.
+(`delta.reasoning` on some servers), `delta.tool_calls` or `text`. llama-server's
+`prompt_progress` events (`return_progress`) carry a null delta and are not tokens. Usage
+arrives only when the request set `stream_options.include_usage`; llama-server puts its own
+counts in `timings` on the final event either way, and those stand in when there is no usage.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from exporter.protocols.base import (
+from exporter.events import (
+    JUST_A_TOKEN,
+    NO_EVENTS,
+    TOKEN,
+    UPSTREAM_ERROR,
+    Event,
+    Finished,
     RequestInfo,
-    answer_object,
-    count,
-    note_llamacpp_timings,
-    note_token,
-    number,
-    request_info,
+    Usage,
 )
-from exporter.record import UPSTREAM_ERROR, RequestRecord
+from exporter.protocols.common import count, llamacpp_timings, number, request_info
 
 PROVIDER = "openai"
 
@@ -43,32 +46,36 @@ def _has_content(part: Any) -> bool:
     )
 
 
-def on_object(record: RequestRecord, obj: Any, now: float) -> None:
-    if answer_object(record, obj) is None:
-        return
+def _choices(choices: list[Any]) -> tuple[bool, list[str]]:
+    """Whether any choice carries generated content, and the finish reasons given."""
+    token = False
+    reasons: list[str] = []
+    for choice in choices:
+        if type(choice) is not dict:
+            continue
+        if choice.get("text") or _has_content(choice.get("delta") or choice.get("message")):
+            token = True
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            reasons.append(reason)
+    return token, reasons
+
+
+def events(obj: dict[str, Any]) -> tuple[Event, ...]:
     choices = obj.get("choices")
-    if type(choices) is list and choices:
-        token = False
-        for choice in choices:
-            if type(choice) is not dict:
-                continue
-            if choice.get("text") or _has_content(choice.get("delta") or choice.get("message")):
-                token = True
-            reason = choice.get("finish_reason")
-            if isinstance(reason, str) and reason:
-                record.finish_reasons.append(reason)
-        if token:
-            note_token(record, now)
-    usage = obj.get("usage")
+    token, reasons = _choices(choices) if type(choices) is list else (False, [])
+    usage, timings = obj.get("usage"), obj.get("timings")
+    if not reasons and usage is None and timings is None and "error" not in obj:
+        return JUST_A_TOKEN if token else NO_EVENTS
+    found: list[Event] = [TOKEN] if token else []
+    found += [Finished(reason) for reason in reasons]
     if type(usage) is dict:
-        prompt = count(usage.get("prompt_tokens"))
-        if prompt is not None:
-            record.input_tokens = prompt
-        completion = count(usage.get("completion_tokens"))
-        if completion is not None:
-            record.output_tokens = completion
-    timings = obj.get("timings")
+        details = usage.get("prompt_tokens_details")
+        cached = count(details.get("cached_tokens")) if type(details) is dict else None
+        found.append(Usage(count(usage.get("prompt_tokens")),
+                           count(usage.get("completion_tokens")), cached))
     if type(timings) is dict:
-        note_llamacpp_timings(record, timings)
+        found += llamacpp_timings(timings)
     if "error" in obj:
-        record.error_type = UPSTREAM_ERROR
+        found.append(UPSTREAM_ERROR)
+    return tuple(found)

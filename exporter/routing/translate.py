@@ -6,9 +6,10 @@ back as Ollama NDJSON, ending with Ollama's final line (`done`, `done_reason`,
 `prompt_eval_count`, `eval_count`, and nanosecond `total_duration` / `prompt_eval_duration` /
 `eval_duration`) filled from the cloud's usage and the times the router saw.
 
-Sans-IO like the dialect observers: bytes in, bytes out, never raising on bad input.
-`TranslatedResponse` wraps the cloud's aiohttp response so the shared relay streams the
-translated bytes exactly as it streams a sidecar's.
+Sans-IO like the dialect observers: bytes in, bytes out, never raising on bad input; the
+SSE is read by the same framer the observers use. `TranslatedResponse` is the router's own
+response type: it wraps the cloud's response and pushes the translated bytes to the exchange,
+which relays and measures them exactly as it does a sidecar's.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aiohttp
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
+
+from exporter.protocols.framing import SSEFramer
+from exporter.relay.client import ResponseSink
+from exporter.relay.upstream import UpstreamResponse
 
 OLLAMA_PATHS = ("/api/chat", "/api/generate")  # what can be translated to a cloud
 _OPTION_MAP = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
@@ -95,36 +98,32 @@ class OllamaFromOpenAI:
         self.chunks = 0
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.done = False
-        self._buffer = b""
+        self._out: list[bytes] = []
+        self._now = 0
+        self._framer = SSEFramer(self._value, self._done_event)
 
     # ----------------------------------------------------------------- streamed answers
 
     def feed(self, data: bytes, now_ns: int) -> bytes:
-        self._buffer += data
-        out: list[bytes] = []
-        # SSE events end at a blank line; lines inside them start with "data:".
-        while True:
-            cut = self._buffer.find(b"\n")
-            if cut < 0:
-                break
-            line = self._buffer[:cut].rstrip(b"\r")
-            self._buffer = self._buffer[cut + 1:]
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                if not self.done:
-                    out.append(self.finish(now_ns))
-                continue
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                line_out = self._event(obj, now_ns)
-                if line_out:
-                    out.append(line_out)
+        self._now = now_ns
+        self._framer.feed(data)
+        out, self._out = self._out, []
         return b"".join(out)
+
+    def flush(self, now_ns: int) -> bytes:
+        """The lines of a last event that came without its closing blank line."""
+        self._now = now_ns
+        self._framer.close()
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    def _value(self, obj: Any) -> None:
+        if isinstance(obj, dict) and (line := self._event(obj, self._now)):
+            self._out.append(line)
+
+    def _done_event(self) -> None:
+        if not self.done:
+            self._out.append(self.finish(self._now))
 
     def _event(self, obj: dict[str, Any], now_ns: int) -> bytes:
         if "error" in obj and not self.done:
@@ -269,67 +268,73 @@ def error_message(body: bytes) -> str:
     return "the cloud backend failed"
 
 
-class _Content:
-    __slots__ = ("readany",)
-
-    def __init__(self, readany: Any) -> None:
-        self.readany = readany
-
-
 class TranslatedResponse:
-    """The cloud's response seen through Ollama's eyes, shaped like the aiohttp response the
-    relay reads (status, reason, headers, content.readany, release, close, closed)."""
+    """The cloud's response seen through Ollama's eyes: NDJSON (or one JSON object) pushed to
+    the exchange as the cloud's SSE arrives."""
 
-    def __init__(self, inner: aiohttp.ClientResponse, translator: OllamaFromOpenAI,
+    def __init__(self, inner: UpstreamResponse, translator: OllamaFromOpenAI,
                  stream: bool) -> None:
         self._inner = inner
         self._translator = translator
         self._stream = stream and inner.status < 400
-        self._finished = False
+        self._sink: ResponseSink | None = None
+        self._whole = bytearray()
         self.status = inner.status
         self.reason = inner.reason
-        content_type = ("application/x-ndjson" if self._stream
-                        else "application/json; charset=utf-8")
-        self.headers = CIMultiDictProxy(CIMultiDict({"Content-Type": content_type}))
-        self.content = _Content(self._read)
+        content_type = (b"application/x-ndjson" if self._stream
+                        else b"application/json; charset=utf-8")
+        self.headers = [(b"Content-Type", content_type)]
 
-    async def _read(self) -> bytes:
-        if self._finished:
-            return b""
-        inner = self._inner
+    def start(self, sink: ResponseSink) -> None:
+        self._sink = sink
+        self._inner.start(self)
+
+    def pause(self) -> None:
+        self._inner.pause()
+
+    def resume(self) -> None:
+        self._inner.resume()
+
+    def abandon(self) -> None:
+        self._inner.abandon()
+
+    # ----------------------------------------------------------------- the cloud's body
+
+    def body(self, data: bytes) -> None:
+        assert self._sink is not None
         if not self._stream:
-            body = await inner.read()
-            self._finished = True
-            if self.status >= 400:
-                return orjson.dumps({"error": error_message(body)})
-            try:
-                answer = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                answer = None
-            return self._translator.whole(answer, time.perf_counter_ns())
-        while True:
-            chunk = await inner.content.readany()
-            now = time.perf_counter_ns()
-            if not chunk:
-                self._finished = True
-                # A stream that ended without [DONE] still gets Ollama's final line only if it
-                # produced something; else the client sees the error it is.
-                if not self._translator.done:
-                    if self._translator.chunks:
-                        return self._translator.finish(now)
-                    return orjson.dumps({"error": "the cloud backend ended the answer "
-                                         "without content"}) + b"\n"
-                return b""
-            out = self._translator.feed(chunk, now)
-            if out:
-                return out
+            self._whole += data
+            return
+        out = self._translator.feed(data, time.perf_counter_ns())
+        if out:
+            self._sink.body(out)
 
-    @property
-    def closed(self) -> bool:
-        return self._inner.closed
+    def end(self) -> None:
+        assert self._sink is not None
+        now = time.perf_counter_ns()
+        if not self._stream:
+            self._sink.body(self._whole_answer(bytes(self._whole), now))
+            self._sink.end()
+            return
+        if tail := self._translator.flush(now):
+            self._sink.body(tail)
+        if not self._translator.done:
+            # A stream that ended without [DONE] still gets Ollama's final line if it
+            # produced something; else the client sees the error it is.
+            self._sink.body(self._translator.finish(now) if self._translator.chunks else
+                            orjson.dumps({"error": "the cloud backend ended the answer "
+                                          "without content"}) + b"\n")
+        self._sink.end()
 
-    def release(self) -> None:
-        self._inner.release()
+    def fail(self, error: BaseException) -> None:
+        assert self._sink is not None
+        self._sink.fail(error)
 
-    def close(self) -> None:
-        self._inner.close()
+    def _whole_answer(self, body: bytes, now_ns: int) -> bytes:
+        if self.status >= 400:
+            return orjson.dumps({"error": error_message(body)})
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None
+        return self._translator.whole(answer, now_ns)

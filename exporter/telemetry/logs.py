@@ -1,31 +1,41 @@
 """Structured logs: one JSON access-log line per request, diagnostics through structlog.
 
 Lines are rendered with orjson and written as bytes to stdout; the access log never carries
-prompt or completion text, only what RequestRecord measured.
+prompt or completion text, only what RequestRecord measured. In the JSON format the access
+log line is built directly (the same fields structlog's JSON renderer would give, without
+its processor chain): it is written once per request, on the relay's path.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import time
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
 
 from exporter.record import RequestRecord
+from exporter.relay.observers import Observer
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 # The requested model name is client input: keep what we log of it short.
 MAX_LOGGED_MODEL = 128
+MAX_LOGGED_PATH = 1024
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default)
 
 
+class _Format:
+    json = True  # what configure() chose: the access log writes JSON itself only then
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
+    _Format.json = fmt == "json"
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -52,24 +62,58 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-class AccessLog:
-    def __init__(self) -> None:
-        self._log = structlog.get_logger("llmtap.access")
+class _Second:
+    """The formatted part of the current second: one strftime a second, not one a line."""
 
-    def observe(self, record: RequestRecord) -> None:
-        self._log.info(
-            "request",
-            method=record.method,
-            path=record.path,
-            operation=record.operation or None,
-            model=record.request_model[:MAX_LOGGED_MODEL] or None,
-            model_label=record.model_label or None,
-            status=record.status,
-            error_type=record.error_type or None,
-            stream=record.stream,
-            ttft_ms=_ms(record.ttft),
-            duration_ms=_ms(record.duration),
-            tokens_in=record.input_tokens,
-            tokens_out=record.output_token_count,
-            key=record.key_name or None,
-        )
+    value = -1
+    text = ""
+
+
+def _timestamp() -> str:
+    """ISO 8601 in UTC with microseconds, as structlog's TimeStamper(fmt="iso") writes it."""
+    now = time.time()
+    second = int(now)
+    if second != _Second.value:
+        _Second.value = second
+        _Second.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_Second.text}.{int((now - second) * 1_000_000):06d}Z"
+
+
+class AccessLog(Observer):
+    def __init__(self, out: BinaryIO | None = None) -> None:
+        self._log = structlog.get_logger("llmtap.access")
+        self._out = out
+
+    def finished(self, record: RequestRecord) -> None:
+        fields = self.fields(record)
+        if not _Format.json:
+            self._log.info("request", **fields)
+            return
+        if record.trace_id:
+            fields["trace_id"] = record.trace_id
+            fields["span_id"] = record.span_id
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = _timestamp()
+        out = self._out or sys.stdout.buffer
+        out.write(orjson.dumps(fields) + b"\n")
+        out.flush()
+
+    @staticmethod
+    def fields(record: RequestRecord) -> dict[str, Any]:
+        return {
+            "method": record.method,
+            "path": record.path[:MAX_LOGGED_PATH],
+            "operation": record.operation or None,
+            "model": record.request_model[:MAX_LOGGED_MODEL] or None,
+            "model_label": record.model_label or None,
+            "status": record.status,
+            "error_type": record.error_type or None,
+            "stream": record.stream,
+            "ttft_ms": _ms(record.ttft),
+            "duration_ms": _ms(record.duration),
+            "tokens_in": record.input_tokens,
+            "tokens_out": record.output_token_count,
+            "tokens_cached": record.cached_input_tokens,
+            "key": record.key_name or None,
+        }

@@ -1,4 +1,4 @@
-"""Prometheus sink: request histograms and counters, fed once per finished RequestRecord.
+"""Prometheus observer: request histograms and counters, fed once per finished request.
 
 Names follow the OpenTelemetry GenAI semantic conventions as they translate to Prometheus, so
 the same series appear whether an operator scrapes llmtap or pushes through a Collector.
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.record import RequestRecord
+from exporter.relay.observers import Observer
 from exporter.state import LiveState
+from exporter.telemetry.histogram import LoopHistogram, Series
 
 BASE_LABELS = ("gen_ai_provider_name", "gen_ai_operation_name", "gen_ai_request_model")
 
@@ -54,8 +56,8 @@ class LiveGaugeCollector(Collector):
 class _Series:
     """The histogram children of one label set, resolved once and reused."""
 
-    __slots__ = ("duration", "input_tokens", "load", "output_tokens", "overhead", "queue_wait",
-                 "tpot", "ttft")
+    __slots__ = ("cached", "duration", "input_tokens", "load", "output_tokens", "overhead",
+                 "queue_wait", "tpot", "ttft")
 
     def __init__(self, metrics: RequestMetrics, labels: tuple[str, str, str]) -> None:
         self.ttft = metrics.ttft.labels(*labels)
@@ -65,42 +67,43 @@ class _Series:
         self.overhead = metrics.overhead.labels(*labels)
         self.queue_wait = metrics.queue_wait.labels(*labels)
         self.load = metrics.load.labels(*labels)
-        self.duration: dict[str, Histogram] = {}
+        self.cached = metrics.cached.labels(*labels)
+        self.duration: dict[str, Series] = {}
 
 
-class RequestMetrics:
+class RequestMetrics(Observer):
     def __init__(self, registry: CollectorRegistry, live: LiveState) -> None:
         # `_created` samples would double the series count and no dashboard reads them.
         disable_created_metrics()
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time from the request's arrival at llmtap to the first non-empty token relayed "
             "(non-streamed answers: to the answer relayed)",
             BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
-        self.tpot = Histogram(
+        self.tpot = LoopHistogram(
             "gen_ai_server_time_per_output_token_seconds",
             "(last token - first token) / (output tokens - 1), streamed answers",
             BASE_LABELS, buckets=TPOT_BUCKETS, registry=registry)
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "gen_ai_server_request_duration_seconds",
             "Time from the request's arrival to the end of its answer; error_type is empty on "
             "success", (*BASE_LABELS, "error_type"), buckets=DURATION_BUCKETS,
             registry=registry)
-        self.tokens = Histogram(
+        self.tokens = LoopHistogram(
             "gen_ai_client_token_usage",
             "Tokens per request as the server reported them (output counted from content "
             "frames only where it reported nothing)",
             (*BASE_LABELS, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=registry)
-        self.overhead = Histogram(
+        self.overhead = LoopHistogram(
             "llmtap_sidecar_overhead_seconds",
             "Time spent in llmtap's own code per request (request handling, frame parsing, "
             "telemetry)", BASE_LABELS, buckets=OVERHEAD_BUCKETS, registry=registry)
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogram(
             "llmtap_queue_wait_seconds",
             "Time before the server began work on the request, where its timings tell "
             "(Ollama: load_duration with the model resident; llama.cpp: TTFT - prompt time)",
             BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
-        self.load = Histogram(
+        self.load = LoopHistogram(
             "llmtap_model_load_duration_seconds",
             "Cold loads: the server's load time for requests that found their model not "
             "loaded", BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
@@ -112,6 +115,11 @@ class RequestMetrics:
             "llmtap_unparseable_frames",
             "Response frames relayed unchanged that llmtap could not parse",
             registry=registry)
+        self.cached = Counter(
+            "llmtap_cache_read_input_tokens",
+            "Prompt tokens the server reported serving from its prompt cache "
+            "(llama.cpp timings.cache_n, OpenAI usage.prompt_tokens_details.cached_tokens)",
+            BASE_LABELS, registry=registry)
         self.retries = Counter(
             "llmtap_upstream_retries",
             "Requests re-sent on a fresh connection because a pooled keep-alive connection "
@@ -121,7 +129,7 @@ class RequestMetrics:
         registry.register(LiveGaugeCollector(live))
         self._series: dict[tuple[str, str, str], _Series] = {}
 
-    def observe(self, record: RequestRecord) -> None:
+    def finished(self, record: RequestRecord) -> None:
         if record.unparseable:
             self.unparseable.inc(record.unparseable)
         if not record.operation:
@@ -131,17 +139,17 @@ class RequestMetrics:
         series = self._series.get(labels)
         if series is None:
             series = self._series[labels] = _Series(self, labels)
-        duration = series.duration.get(record.error_type)
+        error_type = record.error_type
+        duration = series.duration.get(error_type)
         if duration is None:
-            duration = series.duration[record.error_type] = self.duration.labels(
-                *labels, record.error_type)
+            duration = series.duration[error_type] = self.duration.labels(*labels, error_type)
         # The sampled span's ids ride along: OpenMetrics scrapes show them as exemplars.
         exemplar = {"trace_id": record.trace_id, "span_id": record.span_id} \
             if record.trace_id else None
         if record.duration is not None:
             duration.observe(record.duration, exemplar)
         series.overhead.observe(record.overhead)
-        if record.error_type:
+        if error_type:
             return  # latency and usage of failed requests would skew the distributions
         if (ttft := record.ttft) is not None:
             series.ttft.observe(ttft, exemplar)
@@ -149,6 +157,8 @@ class RequestMetrics:
             series.tpot.observe(tpot)
         if record.input_tokens is not None:
             series.input_tokens.observe(record.input_tokens)
+        if record.cached_input_tokens is not None:
+            series.cached.inc(record.cached_input_tokens)
         if (output := record.output_token_count) is not None:
             series.output_tokens.observe(output)
         if (wait := record.queue_wait) is not None:

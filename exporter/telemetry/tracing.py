@@ -32,13 +32,17 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporter import __version__
 from exporter.record import RequestRecord
+from exporter.relay.observers import Observer
 
 log = structlog.get_logger("llmtap.tracing")
 
 SHUTDOWN_SECONDS = 1.5  # with the rest of shutdown, llmtap stops within 2 s of SIGTERM
 DROP_LOG_INTERVAL = 60.0
 PROPAGATOR = TraceContextTextMapPropagator()
-TRACE_HEADERS = ("traceparent", "tracestate")
+# Client input on spans is bounded: the model name as the access log has it, the path a bit
+# longer. The span name uses the bounded model label, never the name the client sent.
+MAX_ATTRIBUTE = 128
+MAX_PATH_ATTRIBUTE = 256
 # Server-reported phases, as span attributes (seconds or the server's own unit).
 PHASE_ATTRIBUTES = {
     "load_duration": "llmtap.upstream.load_duration",
@@ -176,30 +180,30 @@ class Tracing:
                                    drops))
         self.tracer = self.provider.get_tracer("llmtap", __version__)
 
-    def start(self, record: RequestRecord, headers: Mapping[str, str], upstream_host: str,
-              upstream_port: int, arrival_ns: int) -> trace.Span:
-        parent: Context = PROPAGATOR.extract(headers)
+    def start(self, record: RequestRecord, upstream_host: str, upstream_port: int,
+              arrival_ns: int) -> trace.Span:
+        """The request's span, child of the client's traceparent (in `record.traceparent`);
+        the record then carries the traceparent the upstream request gets."""
+        carrier = {"traceparent": record.traceparent.decode("latin-1")} \
+            if record.traceparent else {}
+        parent: Context = PROPAGATOR.extract(carrier)
         name = record.operation or record.method
-        if record.operation and record.request_model:
-            name = f"{record.operation} {record.request_model}"
+        if record.operation and record.live_label:
+            name = f"{record.operation} {record.live_label}"
         span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT,
                                       start_time=arrival_ns)
         if span.is_recording():
             span.set_attributes({"server.address": upstream_host, "server.port": upstream_port,
                                  "http.request.method": record.method,
-                                 "url.path": record.path})
+                                 "url.path": record.path[:MAX_PATH_ATTRIBUTE]})
         context = span.get_span_context()
         if context.trace_flags.sampled:
             record.trace_id = format(context.trace_id, "032x")
             record.span_id = format(context.span_id, "016x")
+        outgoing: dict[str, str] = {}
+        PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
+        record.traceparent = outgoing.get("traceparent", "").encode("latin-1")
         return span
-
-    @staticmethod
-    def inject(span: trace.Span, headers: Any) -> None:
-        """The upstream request carries llmtap's span as its parent."""
-        for name in TRACE_HEADERS:
-            headers.popall(name, None)
-        PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
 
     @staticmethod
     def finish(span: trace.Span, record: RequestRecord, end_ns: int) -> None:
@@ -224,7 +228,7 @@ def span_attributes(record: RequestRecord) -> dict[str, Any]:
         attributes["gen_ai.operation.name"] = record.operation
         attributes["gen_ai.provider.name"] = record.provider
         if record.request_model:
-            attributes["gen_ai.request.model"] = record.request_model
+            attributes["gen_ai.request.model"] = record.request_model[:MAX_ATTRIBUTE]
         if record.stream is not None:
             attributes["gen_ai.request.stream"] = record.stream
         info = record.request_info
@@ -234,13 +238,16 @@ def span_attributes(record: RequestRecord) -> dict[str, Any]:
             if info.temperature is not None:
                 attributes["gen_ai.request.temperature"] = info.temperature
         if record.response_model:
-            attributes["gen_ai.response.model"] = record.response_model
+            attributes["gen_ai.response.model"] = record.response_model[:MAX_ATTRIBUTE]
         if record.response_id:
-            attributes["gen_ai.response.id"] = record.response_id
+            attributes["gen_ai.response.id"] = record.response_id[:MAX_ATTRIBUTE]
         if record.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = record.finish_reasons[:16]
+            attributes["gen_ai.response.finish_reasons"] = [
+                reason[:MAX_ATTRIBUTE] for reason in record.finish_reasons[:16]]
         if record.input_tokens is not None:
             attributes["gen_ai.usage.input_tokens"] = record.input_tokens
+        if record.cached_input_tokens is not None:
+            attributes["gen_ai.usage.cache_read.input_tokens"] = record.cached_input_tokens
         if (output := record.output_token_count) is not None:
             attributes["gen_ai.usage.output_tokens"] = output
         if (ttft := record.ttft) is not None:
@@ -256,3 +263,27 @@ def span_attributes(record: RequestRecord) -> dict[str, Any]:
     if record.error_type:
         attributes["error.type"] = record.error_type
     return attributes
+
+
+class TracingObserver(Observer):
+    """One span per request: started with the request (its context goes upstream), ended
+    with its facts when it finishes."""
+
+    def __init__(self, tracing: Tracing, upstream_host: str = "", upstream_port: int = 0) -> None:
+        self.tracing = tracing
+        self.host = upstream_host
+        self.port = upstream_port
+
+    def started(self, record: RequestRecord) -> None:
+        # Spans take wall-clock times; the record keeps perf_counter ones.
+        arrival_ns = time.time_ns() - int((time.perf_counter() - record.arrival) * 1e9)
+        record.span = self.tracing.start(record, self.host, self.port, arrival_ns)
+        if record.trace_id:  # every log line of this request carries its trace
+            structlog.contextvars.bind_contextvars(trace_id=record.trace_id,
+                                                   span_id=record.span_id)
+
+    def finished(self, record: RequestRecord) -> None:
+        span, record.span = record.span, None
+        if span is not None:
+            end = record.end if record.end is not None else time.perf_counter()
+            Tracing.finish(span, record, time.time_ns() - int((time.perf_counter() - end) * 1e9))

@@ -8,6 +8,10 @@ import aiohttp
 import orjson
 
 POLL_TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
+# The largest poll answer read: a model list of thousands of models, or llama.cpp's /metrics,
+# is well under it. A server that sends more (an endless body) gets its poll counted as failed
+# instead of filling llmtap's memory for the 5 s the timeout allows.
+MAX_POLL_BYTES = 8 << 20
 
 
 class Fetcher:
@@ -25,7 +29,13 @@ class Fetcher:
     async def get(self, path: str) -> tuple[int, bytes] | None:
         try:
             async with self._client().get(self.base_url + path, allow_redirects=False) as resp:
-                return resp.status, await resp.read()
+                body = await resp.content.read(MAX_POLL_BYTES + 1)
+                if len(body) > MAX_POLL_BYTES:
+                    return None
+                while len(body) <= MAX_POLL_BYTES and (more := await resp.content.read(
+                        MAX_POLL_BYTES + 1 - len(body))):
+                    body += more
+                return (resp.status, body) if len(body) <= MAX_POLL_BYTES else None
         except (aiohttp.ClientError, TimeoutError):
             return None
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter.record import RequestRecord
+from exporter.relay.observers import Observer
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -95,3 +98,15 @@ class UpstreamView:
                 "slots_total": queue.slots_total, "slots_busy": queue.slots_busy,
                 "kv_cache_usage_ratio": queue.kv_cache_usage_ratio},
         }
+
+
+class LoadTracking(Observer):
+    """Tells the view how each request that found its model unloaded ended."""
+
+    def __init__(self, view: UpstreamView) -> None:
+        self.view = view
+
+    def finished(self, record: RequestRecord) -> None:
+        if record.operation and record.live_label:
+            self.view.note_finished(record.live_label, record.model_was_loaded,
+                                    record.succeeded)

@@ -1,0 +1,68 @@
+"""ResponseObserver: one request's relayed response bytes → framer → dialect → its record.
+
+`feed` is called after each chunk has been written to the client, with the time it was
+written; it never raises, never alters or delays the bytes, and returns True for the chunk
+that carried the answer's first token, which is all the relay needs to react to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporter.events import NOT_AN_OBJECT, Answered
+from exporter.protocols import Endpoint
+from exporter.protocols.framing import Framer, framer_for
+from exporter.record import RequestRecord, apply
+
+
+class ResponseObserver:
+    __slots__ = ("_events", "_framer", "_last", "_named", "_record")
+
+    def __init__(self, endpoint: Endpoint, record: RequestRecord, content_type: str) -> None:
+        self._record = record
+        self._events = endpoint.events
+        self._named = False  # the answer's model and id are noted once, from its first frame
+        self._last = 0.0  # when the latest chunk was relayed
+        framer, streamed = framer_for(content_type, self._value)
+        self._framer: Framer | None = framer
+        if framer is not None:
+            record.stream = streamed
+
+    def feed(self, data: bytes, now: float) -> bool:
+        framer = self._framer
+        if framer is None:
+            return False
+        self._last = now
+        waiting = self._record.first_token is None
+        framer.feed(data)
+        return waiting and self._record.first_token is not None
+
+    def finish(self, complete: bool) -> bool:
+        """The answer ended (complete: it was not broken off). A whole document is parsed
+        now: True if that gave the first token, stamped with the time of its last byte."""
+        framer = self._framer
+        if framer is None:
+            return False
+        waiting = self._record.first_token is None
+        if complete:
+            framer.close()
+        self._record.unparseable += framer.unparseable
+        self._framer = None
+        return waiting and self._record.first_token is not None
+
+    def _value(self, value: Any) -> None:
+        record, now = self._record, self._last
+        if type(value) is not dict:
+            apply(record, NOT_AN_OBJECT, now)
+            return
+        if not self._named:
+            self._name(value)
+        for event in self._events(value):
+            apply(record, event, now)
+
+    def _name(self, obj: dict[str, Any]) -> None:
+        model, rid = obj.get("model"), obj.get("id")
+        if isinstance(model, str) or isinstance(rid, str):
+            apply(self._record, Answered(model if isinstance(model, str) else "",
+                                         rid if isinstance(rid, str) else ""), self._last)
+            self._named = isinstance(model, str)

@@ -1,0 +1,64 @@
+"""Admission: the short list of checks a request passes before it is relayed.
+
+Each check returns a `Refusal` (status, the dialect's error kind, message, outcome) or None.
+The head checks run as soon as the request head is in, before any `100 Continue` and before
+a body byte is read: the API key first (a request without one costs a hash and reaches
+nothing: no upstream, no metric series, no log line), then the declared body length. The
+model checks run once the body has named the model: a pinned model whose digest changed,
+then the waiting limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exporter.auth import Admitted, ApiKeys
+from exporter.record import Outcome
+from exporter.relay.outcome import Refusal
+from exporter.state import LiveState
+
+MISSING_KEY = Refusal(401, "invalid_api_key", "a valid API key is required "
+                      "(Authorization: Bearer KEY or x-api-key: KEY)")
+
+
+@dataclass
+class Admission:
+    max_body_bytes: int = 64 << 20
+    keys: ApiKeys | None = None
+    on_rejected: Callable[[], None] | None = None  # counts refused keys
+    # With --enforce-pins: why a model must not be served (None: serve it).
+    pin_refusal: Callable[[str], str | None] | None = None
+    live: LiveState | None = None
+    max_waiting_per_model: int = 0  # 0: no limit
+
+    def key(self, fields: dict[bytes, bytes]) -> tuple[Admitted | None, Refusal | None]:
+        if self.keys is None:
+            return None, None
+        admitted = self.keys.check(fields)
+        if admitted is None:
+            if self.on_rejected is not None:
+                self.on_rejected()
+            return None, MISSING_KEY
+        return admitted, None
+
+    def body_length(self, length: int | None) -> Refusal | None:
+        if length is not None and length > self.max_body_bytes:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> Refusal:
+        return Refusal(413, "request_too_large", f"the request body is larger than "
+                       f"{self.max_body_bytes} bytes (llmtap --max-body-bytes)")
+
+    def model(self, label: str) -> Refusal | None:
+        """After the request counts as started for `label` (so the count includes it)."""
+        if self.pin_refusal is not None and (why := self.pin_refusal(label)) is not None:
+            return Refusal(409, "model_pin_mismatch", why)
+        if self.max_waiting_per_model and self.live is not None:
+            waiting = self.live.models[label].waiting
+            if waiting > self.max_waiting_per_model:
+                return Refusal(503, "queue_full", f"{waiting - 1} requests for this model are "
+                               "already waiting at llmtap (--max-waiting-per-model); retry "
+                               "later", Outcome.QUEUE_FULL, retry_after=1)
+        return None

@@ -1,0 +1,199 @@
+"""The router's Upstream: decide where the request goes, then try the plan in order.
+
+A connect failure, or a 503 before any byte of the answer (Ollama's "server busy", llmtap's
+queue limit; from a cloud also 429 and 5xx), goes to the next backend of the decision; once
+a response head is accepted nothing is retried, so no client ever sees bytes from two
+backends. A request for one of the router's own lists (`/v1/models`, `/api/tags`) is
+answered by the router itself, through the same exchange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from exporter.relay.client import Origin, OutgoingRequest, ResponseSink, UpstreamPool
+from exporter.relay.http1 import Headers
+from exporter.relay.outcome import Refusal, Refused, UpstreamConnectError
+from exporter.relay.upstream import UpstreamResponse
+from exporter.routing.decide import Decider, Decision, Target
+from exporter.routing.metrics import RouterMetrics
+from exporter.routing.translate import OllamaFromOpenAI, TranslatedResponse, ollama_to_openai
+
+if TYPE_CHECKING:
+    from exporter.relay.exchange import Exchange
+
+RESIDENCY_HEADER = b"x-llmtap-residency"
+MAX_ATTEMPTS = 3  # first choice + two retries
+MAX_SHOWN_MODEL = 128
+
+
+class LocalResponse:
+    """An answer the router makes itself."""
+
+    def __init__(self, payload: bytes, status: int = 200) -> None:
+        self.status = status
+        self.reason = b""
+        self.headers: Headers = [(b"Content-Type", b"application/json"),
+                                 (b"Content-Length", b"%d" % len(payload))]
+        self._payload = payload
+
+    def start(self, sink: ResponseSink) -> None:
+        sink.body(self._payload)
+        sink.end()
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
+class RoutedUpstream:
+    kind: str | None = None  # many servers behind it: the provider label is the dialect's
+
+    def __init__(self, decider: Decider, pool: UpstreamPool, metrics: RouterMetrics,
+                 model_names: Callable[[], list[str]]) -> None:
+        self.decider = decider
+        self.pool = pool
+        self.metrics = metrics
+        self.model_names = model_names
+        self._origins: dict[str, Origin] = {}
+
+    def model_resident(self, label: str) -> bool | None:
+        return None
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def open(self, exchange: Exchange) -> UpstreamResponse:
+        request = exchange.request
+        if request.method == "GET" and request.path in ("/v1/models", "/api/tags"):
+            return LocalResponse(self._list(request.path))
+        parsed = _json_object(exchange.payload) if exchange.endpoint is not None else None
+        residency = request.fields.get(RESIDENCY_HEADER, b"").strip().lower() == b"local"
+        decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
+                                       residency)
+        exchange.record.route = decision
+        if not decision.targets:
+            raise Refused(self._refusal(decision, exchange.record.request_model))
+        return await self._attempts(exchange, decision, parsed)
+
+    async def _attempts(self, exchange: Exchange, decision: Decision,
+                        parsed: dict[str, Any] | None) -> UpstreamResponse:
+        failure: UpstreamConnectError | None = None
+        replayable = exchange.request.body.complete
+        targets = decision.targets[:MAX_ATTEMPTS]
+        for i, target in enumerate(targets):
+            if i and not replayable:
+                break  # a streamed body cannot be sent twice
+            last = i == len(targets) - 1
+            # Counted from now, not from the answer's head: concurrent decisions must see
+            # the requests this router has already sent there.
+            target.started()
+            try:
+                response = await self._send(target, exchange, parsed)
+            except UpstreamConnectError as exc:
+                target.finished()
+                target.breaker.failure()
+                failure = exc
+                decision.tried.append(target.backend)
+                if not last:
+                    self.metrics.retries.labels(target.backend, "connect").inc()
+                continue
+            except BaseException:  # reset (it may have reached the backend), cancelled
+                target.finished()
+                raise
+            if self._busy(target, response) and not last:
+                # Nothing of this answer was relayed: the next backend gets the request.
+                response.abandon()
+                target.finished()
+                if target.cloud is not None and response.status != 429:
+                    target.breaker.failure()
+                decision.tried.append(target.backend)
+                self.metrics.retries.labels(target.backend, "busy").inc()
+                continue
+            decision.chosen = target
+            return response
+        assert failure is not None
+        raise failure
+
+    @staticmethod
+    def _busy(target: Target, response: UpstreamResponse) -> bool:
+        status = response.status
+        return status == 503 or (target.cloud is not None and (status == 429 or status >= 500))
+
+    def _origin(self, url: str) -> Origin:
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = Origin.from_url(url)
+        return origin
+
+    async def _send(self, target: Target, exchange: Exchange,
+                    parsed: dict[str, Any] | None) -> UpstreamResponse:
+        if target.sidecar is not None:
+            outgoing = exchange.outgoing()
+            if parsed is not None and target.model and parsed.get("model") != target.model:
+                # A hybrid alias ("auto") becomes the local model's name.
+                outgoing.body = orjson.dumps({**parsed, "model": target.model})
+            return await self.pool.request(self._origin(target.sidecar.proxy_url), outgoing)
+        cloud = target.cloud
+        assert cloud is not None and parsed is not None and exchange.endpoint is not None
+        cloud.take()
+        headers: Headers = [(b"Authorization", b"Bearer " + cloud.spec.api_key.encode()),
+                            (b"Content-Type", b"application/json")]
+        origin = self._origin(cloud.spec.base_url)
+        path = exchange.request.path
+        if exchange.endpoint.dialect == "ollama":
+            translated = ollama_to_openai(path, parsed, target.model)
+            inner = await self.pool.request(origin, OutgoingRequest(
+                b"POST", b"/chat/completions", headers, orjson.dumps(translated)))
+            translator = OllamaFromOpenAI(path == "/api/chat", str(parsed.get("model") or ""),
+                                          int(exchange.record.arrival * 1e9))
+            return TranslatedResponse(inner, translator, bool(translated["stream"]))
+        # OpenAI dialect: the same request, the provider's model name, the cloud's key.
+        suffix = exchange.request.target.removeprefix(b"/v1")
+        return await self.pool.request(origin, OutgoingRequest(
+            exchange.request.method.encode(), suffix, headers,
+            orjson.dumps({**parsed, "model": target.model})))
+
+    def _refusal(self, decision: Decision, model: str) -> Refusal:
+        shown = model[:MAX_SHOWN_MODEL]
+        backends = self.decider.backends
+        if not backends.sidecars and not backends.clouds:
+            return Refusal(503, "no_backend", "the router has no backends")
+        known = any(c.has_model is not False for c in backends.candidates(shown))
+        if not known and self.decider.config.cloud_for(model) is None and \
+                decision.reason != "passthrough":
+            return Refusal(404, "model_not_found",
+                           f"model {shown!r} is not served by any backend of this router")
+        where = "local backend (the request is local-only)" if decision.local_only else \
+            "backend"
+        return Refusal(503, "no_backend_available", f"no {where} is available for model "
+                       f"{shown!r} right now (all ejected, down or without fresh state); "
+                       "retry later")
+
+    def _list(self, path: str) -> bytes:
+        names = self.model_names()
+        if path == "/v1/models":
+            return orjson.dumps({"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "llmtap"}
+                for name in names]})
+        return orjson.dumps({"models": [
+            {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+             "digest": "", "details": {}} for name in names]})
+
+
+def _json_object(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        obj = orjson.loads(body)
+        return obj if isinstance(obj, dict) else None
+    return None
