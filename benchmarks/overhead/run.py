@@ -1,7 +1,7 @@
 """What a proxy costs: llmtap (telemetry on and off), nginx and LiteLLM's proxy, each against
 going direct, side by side in one run on this machine.
 
-    .venv/bin/python -m benchmarks.overhead.run            # the full run (about 8 minutes)
+    .venv/bin/python -m benchmarks.overhead.run            # the full run (about 9 minutes)
     .venv/bin/python -m benchmarks.overhead.run --quick    # a smoke run (under a minute)
 
 One synthetic upstream (`llmtap simulate`, seeded, its own process); one open-loop load
@@ -10,8 +10,12 @@ and kept up; nginx from Debian (`proxy_buffering off`, one worker) and LiteLLM's
 PyPI (in its own virtualenv under benchmarks/overhead/tmp/, pass-through endpoints) are
 installed by this command when missing. Pinning is described in targets.py.
 
-Writes benchmarks/overhead/results/results.md, results.json and added-p99-ttft.png (the quick
-run: tmp/results.md and tmp/results.json). Exits 1 if any chunk was lost or reordered, or any
+The full run ends with the CPU section (cpu.py: CPU per request and per relayed chunk against
+a Go upstream, about 2.5 minutes; `python -m benchmarks.overhead.cpu` runs it alone).
+
+Writes benchmarks/overhead/results/results.md, results.json, cpu.md, cpu.json and
+added-p99-ttft.png (the quick run, which skips the CPU section: tmp/results.md and
+tmp/results.json). Exits 1 if any chunk was lost or reordered, or any
 request failed, through llmtap or nginx: that is a failure, not a figure (LiteLLM's are figures).
 """
 
@@ -29,12 +33,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from benchmarks.overhead import targets as tg
+
+if TYPE_CHECKING:
+    from benchmarks.overhead.cpu import Run as CpuRun
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -305,8 +312,17 @@ async def run(args: argparse.Namespace) -> int:
         if upstream.child is not None:
             upstream.child.stop()
 
+    cpu_run = None
+    if not args.quick and not args.skip_cpu:
+        # After every process above is stopped: the CPU section wants core 1 to itself.
+        from benchmarks.overhead import cpu  # cpu imports this module: not at the top
+
+        cpu_run = await cpu.measure_all(cpu.FULL, pin)
+        command = ".venv/bin/python -m benchmarks.overhead.run"
+        cpu.write(cpu_run, cpu.render(cpu_run, command), RESULTS / "cpu.md")
+
     elapsed = time.monotonic() - started
-    report = render(table, sweep, stall, spans, args, elapsed, pin)
+    report = render(table, sweep, stall, spans, args, elapsed, pin, cpu_run)
     # The quick run is a smoke test: its figures go to tmp/, never over the published ones.
     out = TMP if args.quick else RESULTS
     (out / "results.md").write_text(report)
@@ -323,6 +339,8 @@ async def run(args: argparse.Namespace) -> int:
     broken = [(s, t) for s, row in table.items() for t, m in row.items() if bad(t, m)]
     broken += [(f"sweep-{lvl}", t) for t, levels in sweep.items()
                for lvl, m in levels.items() if bad(t, m)]
+    if cpu_run is not None:
+        broken += [("cpu", failure) for failure in cpu_run.failed]
     if broken:
         print(f"FAILED: chunks lost, reordered or requests failed in {broken}", file=sys.stderr)
         return 1
@@ -413,7 +431,7 @@ def summary_line(row: dict[str, Measurement]) -> str:
 
 def render(table: dict[str, dict[str, Measurement]], sweep: dict[str, dict[int, Measurement]],
            stall: dict[str, float] | None, spans: int, args: argparse.Namespace,
-           elapsed: float, pin: bool) -> str:
+           elapsed: float, pin: bool, cpu_run: CpuRun | None = None) -> str:
     command = "`.venv/bin/python -m benchmarks.overhead.run" + \
         (" --quick`" if args.quick else "`")
     lines = [
@@ -480,14 +498,22 @@ def render(table: dict[str, dict[str, Measurement]], sweep: dict[str, dict[int, 
                   f"{stall['busy_max_ms']:.2f} ms with them (p99 {stall['quiet_p99_ms']:.2f} → "
                   f"{stall['busy_p99_ms']:.2f} ms): worst stall added "
                   f"{stall['busy_max_ms'] - stall['quiet_max_ms']:.2f} ms."]
+    if cpu_run is not None:
+        from benchmarks.overhead import cpu
+
+        lines += ["", "CPU section (benchmarks/overhead/results/cpu.md): gobench upstream and "
+                  "closed-loop client on core 0, the proxy alone on core 1; llmtap with its "
+                  "access log on and /metrics scraped every second, no OTLP exporter."]
+        lines += cpu.tables(cpu_run)
     if not args.quick:
-        lines += targets(table, sweep)
+        lines += targets(table, sweep, cpu_run)
     lines += ["", f"The OTLP receiver got {spans} spans from llmtap-full."]
     return "\n".join(lines) + "\n"
 
 
 def targets(table: dict[str, dict[str, Measurement]],
-            sweep: dict[str, dict[int, Measurement]]) -> list[str]:
+            sweep: dict[str, dict[int, Measurement]], cpu_run: CpuRun | None = None
+            ) -> list[str]:
     """DESIGN.md's targets against this run's figures, for llmtap with all telemetry on."""
     def added(row: dict[str, Measurement], name: str, key: str, q: float) -> float:
         return row[name].added(row["direct"], key, q)
@@ -532,6 +558,10 @@ def targets(table: dict[str, dict[str, Measurement]],
     lost += sum(m.lost + m.mismatched for name, per in sweep.items() if name.startswith("llmtap")
                 for m in per.values())
     lines.append(f"| zero lost or reordered chunks | {lost} | {verdict(lost == 0)} |")
+    if cpu_run is not None:
+        from benchmarks.overhead import cpu
+
+        lines += cpu.target_rows(cpu_run)
     return lines
 
 
@@ -611,6 +641,8 @@ def main() -> None:
                         help="a smoke run: small scenarios, no sweep, no plot")
     parser.add_argument("--skip-litellm", action="store_true",
                         help="leave LiteLLM out (it is installed on first use)")
+    parser.add_argument("--skip-cpu", action="store_true",
+                        help="leave out the CPU section (benchmarks/overhead/cpu.py)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     sys.exit(asyncio.run(run(parser.parse_args())))
 

@@ -47,6 +47,7 @@ class Child:
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     cpu: int | None = None
+    cwd: Path = ROOT  # where `-m exporter` is found: another checkout runs older code
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -58,7 +59,7 @@ class Child:
                 os.sched_setaffinity(0, {cpu})
 
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, cwd=ROOT,
+                                     env={**os.environ, **self.env}, cwd=self.cwd,
                                      start_new_session=True, preexec_fn=pin)
         log.close()  # the child holds its own copy
 
@@ -148,25 +149,48 @@ def simulator(workdir: Path, pin: bool) -> Target:
 
 
 def llmtap(workdir: Path, upstream: str, telemetry: bool, otlp: str, pin: bool,
-           name: str = "") -> Target:
-    port, admin = free_port(), free_port()
-    argv = [sys.executable, "-m", "exporter", "serve", "--upstream", upstream,
-            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-            "--gpu", "off"]
+           name: str = "", root: Path = ROOT) -> Target:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}  # empty: no exporter at all
+    extra: list[str] = []
     if telemetry:  # metrics (scraped each second), every span exported, access log to a file
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                "OTEL_TRACES_SAMPLER": "always_on"}
         name = name or "llmtap-full"
     else:  # the relay and its in-memory accounting only: no spans, no log lines, no scrapes
-        argv += ["--access-log", "off", "--log-level", "warning"]
+        extra = ["--access-log", "off", "--log-level", "warning"]
         name = name or "llmtap-off"
-    child = Child(name, argv, workdir, env=env, cpu=PROXY_CPU if pin else None)
+    return llmtap_with(workdir, upstream, name, extra, env, pin, root,
+                       admin_scraped=telemetry)
+
+
+def llmtap_with(workdir: Path, upstream: str, name: str, extra: list[str],
+                env: dict[str, str], pin: bool, root: Path = ROOT,
+                admin_scraped: bool = True) -> Target:
+    """`llmtap serve` from the checkout at `root` (its `exporter` package first on the path,
+    this venv's interpreter), with these extra flags and environment."""
+    port, admin = free_port(), free_port()
+    argv = [sys.executable, "-m", "exporter", "serve", "--upstream", upstream,
+            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--gpu", "off", *extra]
+    env = {**env, "PYTHONPATH": str(root)}
+    child = Child(name, argv, workdir, env=env, cpu=PROXY_CPU if pin else None, cwd=root)
     child.start()
     child.wait_http(f"http://127.0.0.1:{admin}/readyz")
     return Target(name, f"http://127.0.0.1:{port}", child,
-                  admin=f"http://127.0.0.1:{admin}" if telemetry else "")
+                  admin=f"http://127.0.0.1:{admin}" if admin_scraped else "")
+
+
+def gobench_upstream(workdir: Path, binary: Path, pin: bool) -> Target:
+    """The Go upstream (benchmarks/overhead/gobench): fast and not ours, so what a proxy in
+    front of it costs is the proxy's own work."""
+    port = free_port()
+    child = Child("gobench-upstream", [str(binary), "upstream", "--listen", f"127.0.0.1:{port}",
+                                       "--gomaxprocs", "1"],
+                  workdir, cpu=CLIENT_CPU if pin else None)
+    child.start()
+    child.wait_http(f"http://127.0.0.1:{port}/api/version")
+    return Target("upstream", f"http://127.0.0.1:{port}", child)
 
 
 NGINX_CONF = """\

@@ -1,0 +1,3 @@
+module llmtap.invalid/gobench
+
+go 1.26
