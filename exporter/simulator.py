@@ -1393,7 +1393,8 @@ async def _ollama_infer(request: web.Request, chat: bool) -> web.StreamResponse:
         empty = not req.get("prompt")
     if empty:
         return await _ollama_load_unload(request, sim, m, name, chat, keep_alive)
-    options = req.get("options") if isinstance(req.get("options"), dict) else {}
+    raw = req.get("options")
+    options = raw if isinstance(raw, dict) else {}
     limit = _positive_int(options.get("num_predict"))
     plan = sim.plan(m, name, text, limit, keep_alive)
     framer = _OllamaFramer(sim, plan, chat=chat, raw=bool(req.get("raw")))
@@ -1651,9 +1652,10 @@ async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
         m = next(iter(sim.sched.models.values()))  # llama-server ignores `model`
         name = sim.llama_model
     else:
-        m = sim.sched.lookup(name)
-        if m is None:
+        found = sim.sched.lookup(name)
+        if found is None:
             return _oai_error(404, f"model '{name if isinstance(name, str) else ''}' not found")
+        m = found
     assert isinstance(name, str)
     limit = _positive_int(req.get("max_tokens")) or _positive_int(req.get("max_completion_tokens"))
     plan = sim.plan(m, name, text, limit)

@@ -392,7 +392,7 @@ class FaultProxy:
             conn.closed_by = "proxy"
             conn.downstream_closed = conn.upstream_closed = time.monotonic()
             down_t.abort()
-            self._transports.discard(down_t)  # type: ignore[arg-type]
+            self._transports.discard(down_t)
             return
         up_t = up_w.transport
         self._transports.add(up_t)  # type: ignore[arg-type]
@@ -425,8 +425,8 @@ class FaultProxy:
             up_t.close()
             if not down_t.is_closing():
                 down_t.close()
-            self._transports.discard(up_t)  # type: ignore[arg-type]
-            self._transports.discard(down_t)  # type: ignore[arg-type]
+            self._transports.discard(up_t)
+            self._transports.discard(down_t)
 
     async def _pump_requests(self, conn: Conn, down_r: asyncio.StreamReader,
                              up_w: asyncio.StreamWriter, pending: list[Exchange]) -> None:

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
@@ -247,8 +247,11 @@ class LlamaServer(Process):
         self.wait_until_up(lambda: wait_http(self.url + "/health", 120, self.proc, self.log))
 
 
+P = TypeVar("P", bound=Process)
+
+
 @contextlib.contextmanager
-def running(process: Process) -> Iterator[Process]:
+def running(process: P) -> Iterator[P]:
     try:
         yield process
     finally:

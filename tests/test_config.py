@@ -5,14 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exporter.cli import build_parser
-from exporter.config import OPTIONS, ConfigError, HostPort, resolve
+from exporter.config import OPTIONS, ConfigError, HostPort, Settings, resolve
 
 
-def settings_from(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def settings_from(argv: list[str], env: dict[str, str] | None = None) -> Settings:
     args = build_parser().parse_args(["serve", *argv])
     return resolve(vars(args), env or {})
 
@@ -77,7 +78,10 @@ def test_cli_reports_errors_in_one_line_and_exit_2() -> None:
 
 
 def test_help_documents_every_flag_and_its_env_var() -> None:
-    text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    commands = build_parser()._subparsers
+    assert commands is not None
+    choices: Any = commands._group_actions[0].choices
+    text = choices["serve"].format_help()
     for option in OPTIONS:
         assert option.flag in text and option.env in text
 

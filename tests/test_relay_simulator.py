@@ -195,6 +195,7 @@ async def _cancel_after(url: str, body: dict[str, Any], after_first_chunk: bool,
 async def test_client_disconnect_closes_upstream_request(phase: str) -> None:
     with running(Simulator("--parallel", "1", "--ttft", "0.05", "--tokens-per-second", "10",
                            "--output-tokens", "100")) as sim, running(Llmtap(sim.url)) as tap:
+        body: dict[str, Any]
         if phase == "mid-stream":
             body = {"model": "sim-small", "messages": CHAT}
             dropped = await _cancel_after(tap.url, body, after_first_chunk=True, delay=0.2)

@@ -45,6 +45,12 @@ def http_request(port: int, path: str, body: dict[str, Any],
     return head.encode() + b"\r\n" + payload
 
 
+def closed(proxy: FaultProxy, tag: str) -> bool:
+    """Has llmtap closed the upstream connection that carried request `tag`?"""
+    found = proxy.find("x-test-id", tag)
+    return found is not None and found[0].downstream_closed is not None
+
+
 def rst(sock: socket.socket | None) -> None:
     """Make the next close send RST instead of FIN."""
     if sock is not None:
@@ -208,16 +214,14 @@ async def test_client_disconnects_close_upstream_and_leak_nothing() -> None:
                     _no_gc_pauses():
                 started = time.monotonic()
                 warm_drops = await disconnect_round(tap.port, proxy, "warm", warm, batch)
-                await until(lambda: all(proxy.find("x-test-id", t)[0].downstream_closed
-                                        for t in warm_drops), 10)
+                await until(lambda: all(closed(proxy, t) for t in warm_drops), 10)
                 await quiet(tap)
                 before = await process(tap)
 
                 dropped = await disconnect_round(tap.port, proxy, "run", total, batch)
                 spent = time.monotonic() - started
                 # Every upstream connection llmtap opened for them is closed ...
-                await until(lambda: all(proxy.find("x-test-id", t)[0].downstream_closed
-                                        for t in dropped), 10)
+                await until(lambda: all(closed(proxy, t) for t in dropped), 10)
                 delays = close_delays(proxy, {**warm_drops, **dropped})
                 everything = [d for values in delays.values() for d in values]
                 print(f"\n{total} client disconnects (+{warm} warm-up) in {spent:.1f} s; upstream "

@@ -66,7 +66,8 @@ def test_the_documented_example_parses_with_its_defaults() -> None:
     cloud = config.cloud[0]
     assert cloud.models == {"auto-heavy": "gpt-4o-mini"} and cloud.budget == 10.0
     assert cloud.budget_period == "day" and cloud.rate_limit == 5.0
-    assert config.route_for("auto").hybrid.light == "llama3.2"  # type: ignore[union-attr]
+    hybrid = config.route_for("auto").hybrid
+    assert hybrid is not None and hybrid.light == "llama3.2"
     assert config.route_for("anything").policy == "expected_wait"
     assert config.cloud_for("auto-heavy") is cloud
 

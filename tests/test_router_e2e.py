@@ -42,7 +42,8 @@ class Router(LlmtapRouter):
     async def state(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session, \
                 session.get(self.admin + "/llmtap/v1/router") as resp:
-            return orjson.loads(await resp.read())  # type: ignore[no-any-return]
+            state: dict[str, Any] = orjson.loads(await resp.read())
+            return state
 
 
 def sidecar_yaml(name: str, tap: Llmtap) -> str:

@@ -170,7 +170,8 @@ def unit_tests() -> list[dict]:
 
 
 def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
-    firing, silent = set(), set()
+    firing: set[str] = set()
+    silent: set[str] = set()
     for group in unit_tests():
         for case in group.get("alert_rule_test", []):
             (firing if case.get("exp_alerts") else silent).add(case["alertname"])

@@ -461,7 +461,7 @@ async def test_unknown_models_get_each_dialects_not_found() -> None:
 
 
 async def test_seed_gives_byte_identical_answers() -> None:
-    requests = [
+    requests: list[tuple[str, dict[str, Any]]] = [
         ("/api/chat", {"model": "sim-small", "messages": [{"role": "user", "content": "q"}]}),
         ("/api/generate", {"model": "sim-large", "prompt": "q", "stream": False}),
         (
@@ -487,7 +487,8 @@ async def test_seed_gives_byte_identical_answers() -> None:
 
 
 async def test_queueing_and_queue_overflow() -> None:
-    cfg = {"ttft": 0.01, "tokens_per_second": 100.0, "output_tokens": 10, "max_queue": 1}
+    cfg: dict[str, Any] = {
+        "ttft": 0.01, "tokens_per_second": 100.0, "output_tokens": 10, "max_queue": 1}
     async with simulator(**cfg) as s:
         req = {"model": "sim-small", "messages": [{"role": "user", "content": "q"}]}
 
@@ -515,7 +516,8 @@ async def test_queueing_and_queue_overflow() -> None:
 
 
 async def test_parallel_runs_requests_together() -> None:
-    cfg = {"ttft": 0.1, "tokens_per_second": 1000.0, "output_tokens": 2, "parallel": 2}
+    cfg: dict[str, Any] = {
+        "ttft": 0.1, "tokens_per_second": 1000.0, "output_tokens": 2, "parallel": 2}
     async with simulator(**cfg) as s:
         req = {"model": "sim-small", "prompt": "q"}
         t0 = time.monotonic()
@@ -525,7 +527,7 @@ async def test_parallel_runs_requests_together() -> None:
 
 
 async def test_token_pacing_and_header_timing() -> None:
-    cfg = {"ttft": 0.15, "tokens_per_second": 100.0, "output_tokens": 6}
+    cfg: dict[str, Any] = {"ttft": 0.15, "tokens_per_second": 100.0, "output_tokens": 6}
     async with simulator(**cfg) as s:
         t0 = time.monotonic()
         async with s.post("/api/chat", json={"model": "sim-small", "messages": []}) as resp:
@@ -560,7 +562,7 @@ async def test_cold_load_counted_and_reported() -> None:
 
 
 async def test_load_duration_includes_queue_wait() -> None:
-    cfg = {"ttft": 0.01, "tokens_per_second": 100.0, "output_tokens": 10}
+    cfg: dict[str, Any] = {"ttft": 0.01, "tokens_per_second": 100.0, "output_tokens": 10}
     async with simulator(**cfg) as s:
         req = {"model": "sim-small", "prompt": "q", "stream": False}
         await post(s, "/api/generate", req)  # load it
@@ -601,7 +603,8 @@ async def test_keep_alive_and_explicit_unload() -> None:
 
 
 async def test_cancel_while_queued_mid_stream_and_while_loading() -> None:
-    cfg = {"ttft": 0.01, "tokens_per_second": 50.0, "output_tokens": 20, "cold_load": 0.1}
+    cfg: dict[str, Any] = {
+        "ttft": 0.01, "tokens_per_second": 50.0, "output_tokens": 20, "cold_load": 0.1}
     async with simulator(**cfg) as s:
         req = {"model": "sim-small", "prompt": "q"}
         # A holds the only slot (it loads, then streams ~0.4 s); B queues behind it.

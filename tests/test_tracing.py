@@ -18,7 +18,7 @@ from tests.helpers import LlamaServer, Llmtap, Simulator, running
 from tests.otlp import GRPCReceiver, HTTPReceiver
 from tests.test_relay_wire import RawUpstream, Reply, response
 
-CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
+CHAT: Any = [{"role": "user", "content": "Why is the sky blue?"}]
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"

@@ -18,6 +18,7 @@ import socket
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -73,7 +74,7 @@ async def main(requests: int, concurrency: int) -> str:
     hanging.listen(512)  # accepts, never answers
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))  # never listens: connections refused
-    rows = []
+    rows: list[Any] = []
     with running(Simulator("--ttft", "0.005", "--tokens-per-second", "2000",
                            "--parallel", "64")) as sim:
         async with HTTPReceiver() as receiver:

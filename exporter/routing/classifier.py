@@ -100,7 +100,7 @@ def load_classifier(spec: ClassifierSpec) -> Classify:
         raise ConfigError(f"classifier.plugin: cannot load {spec.plugin!r}: {exc}") from None
     if not callable(target):
         raise ConfigError(f"classifier.plugin: {spec.plugin!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def safe_classify(classify: Classify, body: dict[str, Any], path: str) -> str:

@@ -137,8 +137,8 @@ class Sidecar:
         models = (self.state or {}).get("models") or {}
         if self.kind == "llama.cpp":
             # llama-server serves its one model whatever name a request gives.
-            inventory = self.models()
-            entry = _lookup(models, inventory[0]) if len(inventory) == 1 else None
+            served = self.models()
+            entry = _lookup(models, served[0]) if len(served) == 1 else None
             return entry, True
         entry = _lookup(models, model)
         inventory = ((self.state or {}).get("upstream") or {}).get("models")

@@ -242,8 +242,10 @@ class OllamaFromOpenAI:
             choices[0], dict) else {}
         if isinstance(choice.get("finish_reason"), str):
             self.finish_reason = choice["finish_reason"]
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        content = message.get("content") if isinstance(message.get("content"), str) else ""
+        raw = choice.get("message")
+        message = raw if isinstance(raw, dict) else {}
+        text = message.get("content")
+        content = text if isinstance(text, str) else ""
         thinking = message.get("reasoning_content") or ""
         for index, call in enumerate(message.get("tool_calls") or []):
             if isinstance(call, dict):

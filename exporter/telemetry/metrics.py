@@ -149,8 +149,12 @@ class RequestMetrics(Observer):
         if record.duration is not None:
             duration.observe(record.duration, exemplar)
         series.overhead.observe(record.overhead)
-        if error_type:
-            return  # latency and usage of failed requests would skew the distributions
+        if not error_type:  # latency and usage of failed requests would skew them
+            self._succeeded(series, record, exemplar)
+
+    @staticmethod
+    def _succeeded(series: _Series, record: RequestRecord,
+                   exemplar: dict[str, str] | None) -> None:
         if (ttft := record.ttft) is not None:
             series.ttft.observe(ttft, exemplar)
         if (tpot := record.tpot) is not None:

@@ -222,47 +222,52 @@ class Tracing:
         done.join(SHUTDOWN_SECONDS)
 
 
+def _cut(text: str) -> str:
+    return text[:MAX_ATTRIBUTE]
+
+
 def span_attributes(record: RequestRecord) -> dict[str, Any]:
+    """The span's attributes when the request ends: GenAI conventions, then llmtap's own.
+    Absent facts are left out (None is not a valid attribute value)."""
     attributes: dict[str, Any] = {"http.response.status_code": record.status}
     if record.operation:
-        attributes["gen_ai.operation.name"] = record.operation
-        attributes["gen_ai.provider.name"] = record.provider
-        if record.request_model:
-            attributes["gen_ai.request.model"] = record.request_model[:MAX_ATTRIBUTE]
-        if record.stream is not None:
-            attributes["gen_ai.request.stream"] = record.stream
-        info = record.request_info
-        if info is not None:
-            if info.max_tokens is not None:
-                attributes["gen_ai.request.max_tokens"] = info.max_tokens
-            if info.temperature is not None:
-                attributes["gen_ai.request.temperature"] = info.temperature
-        if record.response_model:
-            attributes["gen_ai.response.model"] = record.response_model[:MAX_ATTRIBUTE]
-        if record.response_id:
-            attributes["gen_ai.response.id"] = record.response_id[:MAX_ATTRIBUTE]
-        if record.finish_reasons:
-            attributes["gen_ai.response.finish_reasons"] = [
-                reason[:MAX_ATTRIBUTE] for reason in record.finish_reasons[:16]]
-        if record.input_tokens is not None:
-            attributes["gen_ai.usage.input_tokens"] = record.input_tokens
-        if record.cached_input_tokens is not None:
-            attributes["gen_ai.usage.cache_read.input_tokens"] = record.cached_input_tokens
-        if (output := record.output_token_count) is not None:
-            attributes["gen_ai.usage.output_tokens"] = output
-        if (ttft := record.ttft) is not None:
-            attributes["gen_ai.response.time_to_first_chunk"] = ttft
-        if (wait := record.queue_wait) is not None:
-            attributes["llmtap.queue_wait"] = wait
-        if (load := record.cold_load) is not None:
-            attributes["llmtap.cold_load"] = load
-        for key, value in record.server_timings.items():
-            name = PHASE_ATTRIBUTES.get(key)
-            if name is not None:
-                attributes[name] = value
+        attributes.update(_present(_genai(record)))
+        attributes.update(_present(_measured(record)))
     if record.error_type:
         attributes["error.type"] = record.error_type
     return attributes
+
+
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value not in (None, "", [])}
+
+
+def _genai(record: RequestRecord) -> dict[str, Any]:
+    info = record.request_info
+    return {
+        "gen_ai.operation.name": record.operation,
+        "gen_ai.provider.name": record.provider,
+        "gen_ai.request.model": _cut(record.request_model),
+        "gen_ai.request.stream": record.stream,
+        "gen_ai.request.max_tokens": info.max_tokens if info is not None else None,
+        "gen_ai.request.temperature": info.temperature if info is not None else None,
+        "gen_ai.response.model": _cut(record.response_model),
+        "gen_ai.response.id": _cut(record.response_id),
+        "gen_ai.response.finish_reasons": [_cut(r) for r in record.finish_reasons[:16]],
+        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.cache_read.input_tokens": record.cached_input_tokens,
+        "gen_ai.usage.output_tokens": record.output_token_count,
+        "gen_ai.response.time_to_first_chunk": record.ttft,
+    }
+
+
+def _measured(record: RequestRecord) -> dict[str, Any]:
+    measured: dict[str, Any] = {"llmtap.queue_wait": record.queue_wait,
+                                "llmtap.cold_load": record.cold_load}
+    for key, value in record.server_timings.items():
+        if (name := PHASE_ATTRIBUTES.get(key)) is not None:
+            measured[name] = value
+    return measured
 
 
 class TracingObserver(Observer):

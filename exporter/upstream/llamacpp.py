@@ -32,7 +32,8 @@ async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
     for entry in doc["data"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             continue
-        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        raw = entry.get("meta")
+        meta = raw if isinstance(raw, dict) else {}
         models[entry["id"]] = ModelInfo(
             name=entry["id"], parameter_size=_parameter_size(meta.get("n_params")),
             quantization=quantization if isinstance(quantization, str) else "",

@@ -28,7 +28,8 @@ async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
         return None
     models = {}
     for entry in entries:
-        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+        raw = entry.get("details")
+        details = raw if isinstance(raw, dict) else {}
         models[entry["name"]] = ModelInfo(
             name=entry["name"], digest=_str(entry.get("digest")),
             family=_str(details.get("family")),
