@@ -256,7 +256,16 @@ async def test_ollama_stream_broken_off_ends_with_an_error_line() -> None:
 
 
 async def test_request_bodies_over_the_limit_get_413() -> None:
-    limit = 2 << 20
+    """Why this test once failed one run in six under load (the CI failure of 2026-11-30):
+    its streamed body passed 1 MiB, so llmtap was already relaying it to the simulator, whose
+    own aiohttp limit is 1 MiB; when the simulator's `413 Maximum request body size 1048576
+    exceeded.` (43 bytes of text/plain) came back before llmtap's count reached the 2 MiB limit,
+    llmtap rightly relayed it, and the test, expecting llmtap's JSON, read it as an empty body.
+    Reproduced against the old relay: 3 of 40 under CPU load. The product was right, the test
+    was not. Now each case has one possible answer: under the 1 MiB read-whole size llmtap
+    refuses before anything reaches the upstream; above it, the upstream reads without ever
+    answering, so the 413 can only be llmtap's. Each case runs 10 times."""
+    limit = 512 << 10
     # Its own simulator: the test counts what reaches the upstream.
     with running(Simulator()) as sim, \
             running(Llmtap(sim.url, "--max-body-bytes", str(limit))) as tap:
@@ -266,37 +275,66 @@ async def test_request_bodies_over_the_limit_get_413() -> None:
             async with session.post(tap.url + "/api/generate", data=big) as resp:
                 assert resp.status == 413  # told by Content-Length, nothing read
                 assert "--max-body-bytes" in orjson.loads(await resp.read())["error"]
-
             # No Content-Length: counted as it streams. Sent from a raw socket, the way the
             # bytes really go: llmtap answers 413 before the body is done and drains the rest.
-            # (aiohttp's client, still writing when the early answer arrives, sometimes hands
-            # back an empty body for it: 1 run in 6 here, while 20 of 20 raw reads held it.)
-            status, answer = await _post_chunked(tap.port, "/v1/completions",
-                                                 b'{"model":"sim-small","prompt":"',
-                                                 b"y" * 65536, 48)
-            assert status == 413
-            assert orjson.loads(answer)["error"]["type"] == "request_too_large"
+            for _ in range(10):
+                status, answer = await _post_chunked(tap.port, "/v1/completions",
+                                                     b'{"model":"sim-small","prompt":"',
+                                                     b"y" * 65536, 16)
+                assert status == 413
+                assert orjson.loads(answer)["error"]["type"] == "request_too_large"
             async with session.post(tap.url + "/api/generate",
                                     json={"model": "sim-small", "prompt": "fits",
                                           "stream": False}) as resp:
                 assert resp.status == 200  # the limit leaves normal requests alone
         assert sim.stats()["completed"] == sim.stats()["started"] == started + 1
         assert tap.metrics().value("gen_ai_server_request_duration_seconds_count",
-                                   error_type="413") == 2
+                                   error_type="413") == 11
 
 
-async def _post_chunked(port: int, path: str, first: bytes, piece: bytes, pieces: int
-                        ) -> tuple[int, bytes]:
-    """POST a chunked body while reading the answer; the answer's status and body."""
+async def test_a_streamed_body_is_cut_at_the_limit() -> None:
+    """Over the 1 MiB read-whole size a body streams to the upstream as it arrives; at the
+    limit llmtap stops, answers 413 itself and closes the upstream request."""
+    from tests.test_relay_hostile import RecordingUpstream
+
+    async with RecordingUpstream() as upstream:
+        with running(Llmtap(upstream.url, "--upstream-kind", "openai",
+                            "--max-body-bytes", str(2 << 20), ready=False)) as tap:
+            for _ in range(10):
+                status, answer = await _post_chunked(tap.port, "/v1/completions",
+                                                     b'{"model":"m","prompt":"',
+                                                     b"y" * 65536, 48, pause_after=24)
+                assert status == 413
+                assert orjson.loads(answer)["error"]["type"] == "request_too_large"
+            for _ in range(100):
+                if all(c.closed for c in upstream.posts()):
+                    break
+                await asyncio.sleep(0.02)
+            relayed = upstream.posts()
+            print(f"\n{len(relayed)} of 10 streamed to the upstream before the limit, "
+                  f"{max(c.length for c in relayed) if relayed else 0} bytes at most")
+            assert len(relayed) == 10  # 1.5 MiB, a pause: every one was streaming upstream
+            assert all(c.closed for c in relayed)  # each upstream request was closed
+            assert all(c.length < (2 << 20) + 65536 for c in relayed)  # nothing past the limit
+            assert tap.metrics().value("gen_ai_server_request_duration_seconds_count",
+                                       error_type="413") == 10
+
+
+async def _post_chunked(port: int, path: str, first: bytes, piece: bytes, pieces: int,
+                        pause_after: int = 0) -> tuple[int, bytes]:
+    """POST a chunked body while reading the answer; the answer's status and body. With
+    `pause_after`, a 0.1 s pause after that many pieces (llmtap starts relaying meanwhile)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def send() -> None:
         with contextlib.suppress(ConnectionError):
             writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                          "\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-            for chunk in (first, *([piece] * pieces)):
+            for i, chunk in enumerate((first, *([piece] * pieces))):
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await writer.drain()
+                if i == pause_after and pause_after:
+                    await asyncio.sleep(0.1)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
 
