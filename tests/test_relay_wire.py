@@ -266,6 +266,7 @@ async def test_first_byte_timeout_answers_504_in_dialect() -> None:
                                             json={"model": "m", "messages": []})
             assert status == 504
             assert "did not answer in time" in orjson.loads(body)["error"]  # Ollama's shape
+            assert "127.0.0.1" not in body.decode()  # what failed, never where
             status, _, body = await get_raw(tap.url + "/v1/chat/completions", "POST",
                                             json={"model": "m", "messages": []})
             assert status == 504 and orjson.loads(body)["error"]["type"] == "timeout"

@@ -285,3 +285,34 @@ async def test_down_upstream_logs_once_and_gpu_failure_leaves_the_proxy_alone(
         m = tap.metrics()
         assert m.value("llmtap_gpu_up") == (1 if nvml_works else 0)
         assert isinstance(tap.state()["gpus"], list)
+
+
+async def test_a_poll_answer_that_never_ends_is_cut_not_kept() -> None:
+    """A poll reads at most 8 MiB: an upstream answering /api/version with an endless body
+    (it filled 450 MB in a second before the cap) fails that poll and costs no memory."""
+    from exporter.upstream.fetch import MAX_POLL_BYTES, Fetcher
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        try:
+            while True:
+                writer.write(piece)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fetcher = Fetcher(f"http://127.0.0.1:{port}")
+    try:
+        started = time.monotonic()
+        assert await fetcher.get("/api/version") is None
+        print(f"\nendless poll answer cut after {time.monotonic() - started:.2f} s "
+              f"({MAX_POLL_BYTES >> 20} MiB read)")
+        assert time.monotonic() - started < 3  # cut at the cap, not at the 5 s timeout
+    finally:
+        await fetcher.close()
+        server.close()
