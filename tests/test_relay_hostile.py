@@ -332,3 +332,37 @@ async def test_stalled_connections_cannot_starve_the_admin_port(sim: Simulator) 
             assert resp.status == 200
         assert (await asyncio.to_thread(tap.metrics)).value(
             DURATION, error_type="client_timeout") >= 1
+
+
+async def test_trailers_of_a_chunked_body_are_not_forwarded() -> None:
+    """Trailer fields come after the body (where llmtap already sent the head): they are
+    dropped, never appended to what the upstream gets as headers."""
+    async with RawUpstream(recording_echo) as upstream:
+        with running(Llmtap(upstream.url, "--upstream-kind", "openai", ready=False)) as tap:
+            raw = await raw_exchange(tap.port, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+                                     b"X-Trailer: smuggled\r\n\r\n", read_for=1.0)
+            status, headers, body = split_response(raw)
+            assert status == 200
+            seen = orjson.loads(body[:int(headers["content-length"])])
+            assert seen["length"] == 2 and "x-trailer" not in seen["headers"]
+
+
+async def test_bytes_after_an_answer_never_reach_the_next_client() -> None:
+    """An upstream that sends a second response nobody asked for, right behind the first:
+    the connection is not reused, so the next client gets its own answer, not that one."""
+    def doubled(method: str, path: str, headers: dict[str, str], body: bytes,
+                served: int) -> Reply:
+        if method != "POST":
+            return response(b'{"data":[]}')
+        own = response(orjson.dumps({"served": served, "body": body.decode()}))
+        return own + b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"evil\":true}"
+
+    async with RawUpstream(doubled) as upstream:
+        with running(Llmtap(upstream.url, "--upstream-kind", "openai", ready=False)) as tap:
+            async with aiohttp.ClientSession() as session:
+                for i in range(4):
+                    async with session.post(tap.url + "/v1/embeddings",
+                                            data=f'{{"i":{i}}}') as resp:
+                        answer = orjson.loads(await resp.read())
+                    assert answer == {"served": 0, "body": f'{{"i":{i}}}'}  # a fresh one

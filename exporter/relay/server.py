@@ -261,6 +261,8 @@ class ClientConnection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._parsing is not None and self._parsing.headers is self._headers:
+            return  # a trailer of a chunked body: llmtap does not forward trailers
         self._headers.append((name, value))
         self._count_head(len(name) + len(value) + 4)
 
