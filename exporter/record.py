@@ -50,6 +50,7 @@ class RequestRecord:
         "dispatched",
         "end",
         "finish_reasons",
+        "finished_at",
         "first_byte",
         "first_token",
         "input_source",
@@ -94,6 +95,7 @@ class RequestRecord:
         self.first_byte: float | None = None
         self.first_token: float | None = None
         self.last_token: float | None = None
+        self.finished_at: float | None = None  # the frame saying why the answer ended
         self.end: float | None = None
         self.provider = ""
         self.operation = ""  # "" = a path llmtap relays without observing
@@ -157,13 +159,21 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """(last token - first token) / (output tokens - 1), streamed answers only."""
+        """(last token - first token) / (output tokens - 1), streamed answers only.
+
+        With the server's own count, the last token is the frame that ends the answer: the
+        count includes a token the server decoded but never sends (llama-server's stop
+        token, a stop string), and that frame comes once it is decoded. With counted frames,
+        the last content frame."""
         if not self.stream or self.first_token is None or self.last_token is None:
             return None
         n = self.output_token_count
         if n is None or n < 2:
             return None
-        return (self.last_token - self.first_token) / (n - 1)
+        last = self.last_token
+        if self.output_tokens is not None and self.finished_at is not None:
+            last = max(last, self.finished_at)
+        return (last - self.first_token) / (n - 1)
 
     @property
     def queue_wait(self) -> float | None:
@@ -213,6 +223,8 @@ def apply(record: RequestRecord, event: Event, now: float) -> None:
         record.server_timings.update(event.values)
     elif type(event) is Finished:
         record.finish_reasons.append(event.reason)
+        if record.finished_at is None:
+            record.finished_at = now
     elif type(event) is UpstreamError:
         record.outcome = Outcome.UPSTREAM_ERROR
     elif type(event) is NotAnObject:

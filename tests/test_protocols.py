@@ -151,7 +151,9 @@ def test_openai_stream_first_token_skips_role_only_event() -> None:
     assert record.first_token == 2.0  # event 1 carries only the role
     assert record.last_token == 3.0
     assert (record.input_tokens, record.output_tokens) == (31, 3)
-    assert record.tpot == pytest.approx((3.0 - 2.0) / 2)
+    # Three tokens by the server's count, two content frames: the answer's last token is the
+    # frame that ends it (finish_reason, at 4.0), not the last content frame (3.0).
+    assert record.tpot == pytest.approx((4.0 - 2.0) / 2)
     assert record.finish_reasons == ["length"]
     assert record.server_timings["predicted_ms"] == 24.792
     assert record.response_id == "chatcmpl-jkl"

@@ -15,10 +15,11 @@ import aiohttp
 import orjson
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.helpers import LlamaServer, Llmtap, Simulator
 
-CHAT = [{"role": "user", "content": "Name a colour."}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')  # a non-empty content field
 
 
@@ -376,10 +377,10 @@ async def test_sdk_streams_without_include_usage_count_the_servers_tokens(
     text = await client.completions.create(
         model="x", prompt="Q: What is 2+2?\nA:", max_tokens=32, temperature=0, stop=["\n"],
         stream=True)
-    chunks = [chunk async for chunk in text]  # type: ignore[misc]
-    frames = sum(1 for c in chunks if c.choices and c.choices[0].text)
-    timings = (chunks[-1].model_extra or {})["timings"]
-    usage = chunks[-1].usage  # llama-server sends it on /v1/completions unasked
+    text_chunks = [chunk async for chunk in text]
+    frames = sum(1 for t in text_chunks if t.choices and t.choices[0].text)
+    timings = (text_chunks[-1].model_extra or {})["timings"]
+    usage = text_chunks[-1].usage  # llama-server sends it on /v1/completions unasked
     print(f"completions, SDK default stream: {frames} text frames, usage {usage}, timings "
           f"prompt_n {timings['prompt_n']} cache_n {timings['cache_n']} "
           f"predicted_n {timings['predicted_n']}")
@@ -563,3 +564,32 @@ async def test_sse_pings_during_prefill_are_not_tokens(
     assert answers[1].first("progress") < answers[1].first("ping")
     assert delta.unlabelled("llmtap_unparseable_frames_total") == 0
     assert delta("gen_ai_server_request_duration_seconds_count", error_type="") == len(cases)
+
+
+async def test_tpot_of_an_answer_ending_on_a_withheld_token(llama_server: LlamaServer,
+                                                            llama_tap: Llmtap) -> None:
+    """" Paris", then "." (the stop string, withheld): one content frame, predicted_n 2.
+    The second token took the server predicted_per_token_ms to make and the final event
+    comes after it. llmtap used to record (last frame - first frame) / (2 - 1) = 0; the
+    answer's last token is the frame that ends it, so TPOT is the server's, give or take
+    the relay."""
+    delta = Delta(llama_tap, llama_server)
+    before = len(llama_tap.json_lines("request"))
+    async with aiohttp.ClientSession() as session:
+        answer = await stream(session, llama_tap.url + "/v1/completions", {
+            "model": "x", "prompt": "The capital of France is", "max_tokens": 16,
+            "temperature": 0, "stop": ["."], "stream": True})
+    await logged(llama_tap, before, 1)
+    delta.taken()
+    content = answer.times("content")
+    final = next(t for t, o in answer.objects() if "timings" in o)
+    name = "gen_ai_server_time_per_output_token_seconds"
+    tpot = delta(f"{name}_sum") / delta(f"{name}_count")
+    print(f"\n{len(content)} content frame(s), predicted_n {answer.timings['predicted_n']}, "
+          f"server {answer.timings['predicted_per_token_ms']:.2f} ms/token; the client got the "
+          f"final event {(final - content[-1]) * 1000:.2f} ms after the last frame; llmtap "
+          f"TPOT {tpot * 1000:.3f} ms")
+    assert answer.timings["predicted_n"] == len(content) + 1
+    assert delta(f"{name}_count") == 1
+    server = answer.timings["predicted_per_token_ms"] / 1000
+    assert abs(tpot - server) < max(0.005, server / 2)

@@ -435,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
         """Answered before the body was read: half-close, read and drop the rest of the body
         (never close with unread bytes: the kernel would reset the connection and the
         client could lose the answer), then close."""
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self._lingering:
             return
         self._lingering = True
         self.flow(True)
