@@ -91,24 +91,26 @@ async def test_compressed_request_bodies_pass_byte_for_byte(encoding: str) -> No
             assert logged[-1]["model"] == "zipped-model"
 
 
-@pytest.mark.parametrize(("target", "dialect"), [
-    (b"http://127.0.0.1:1/api/chat", "ollama"),
-    (b"http://attacker.example/v1/chat/completions", "openai"),
-    (b"127.0.0.1:443", "openai"),  # authority-form (CONNECT's)
-    (b"*", "openai"),  # asterisk-form
+@pytest.mark.parametrize(("target", "dialect", "status"), [
+    (b"http://127.0.0.1:1/api/chat", "ollama", 400),
+    (b"http://attacker.example/v1/chat/completions", "openai", 400),
+    (b"127.0.0.1:443", "openai", 501),  # authority-form: CONNECT, a tunnel llmtap won't open
+    (b"*", "openai", 400),  # asterisk-form
 ])
-async def test_targets_that_are_not_origin_form_get_400_in_dialect(target: bytes,
-                                                                    dialect: str) -> None:
+async def test_targets_that_are_not_origin_form_get_400_in_dialect(
+        target: bytes, dialect: str, status: int) -> None:
     async with RawUpstream(recording_echo) as upstream:
         with running(Llmtap(upstream.url, "--upstream-kind", "ollama", ready=False)) as tap:
             method = b"CONNECT" if not target.startswith((b"http", b"*")) else b"POST"
             raw = await raw_exchange(tap.port, method + b" " + target + b" HTTP/1.1\r\n"
                                      b"Host: x\r\nContent-Length: 2\r\n\r\n{}")
-            status, headers, body = split_response(raw)
-            assert status == 400
+            answered, headers, body = split_response(raw)
+            assert answered == status
             error = orjson.loads(body[:int(headers["content-length"])])["error"]
             if dialect == "ollama":
                 assert "origin-form" in error
+            elif status == 501:
+                assert error["type"] == "not_implemented" and "CONNECT" in error["message"]
             else:
                 assert error["type"] == "invalid_request" and "origin-form" in error["message"]
             assert [r for r in upstream.requests if r[0] != "GET"] == []  # only polls came

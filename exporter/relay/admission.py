@@ -3,23 +3,51 @@
 Each check returns a `Refusal` (status, the dialect's error kind, message, outcome) or None.
 The head checks run as soon as the request head is in, before any `100 Continue` and before
 a body byte is read: the API key first (a request without one costs a hash and reaches
-nothing: no upstream, no metric series, no log line), then the declared body length. The
-model checks run once the body has named the model: a pinned model whose digest changed,
-then the waiting limit.
+nothing: no upstream, no metric series, no log line), then the declared body length and the
+request target. The model checks run once the body has named the model: a pinned model whose
+digest changed, then the waiting limit.
+
+The target must be a path, sent plainly where it names an endpoint llmtap observes: the
+model servers route on the decoded, normalised path (gin, cpp-httplib, uvicorn), so
+`/api/%63hat` or `/v1/./chat/completions` would reach the chat handler unobserved, past the
+waiting limit and the pins.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
-from exporter.auth import Admitted, ApiKeys
+from exporter.auth import KEY_HEADERS, Admitted, ApiKeys
+from exporter.protocols import ENDPOINTS
 from exporter.record import Outcome
+from exporter.relay.http1 import Headers
 from exporter.relay.outcome import Refusal
 from exporter.state import LiveState
 
 MISSING_KEY = Refusal(401, "invalid_api_key", "a valid API key is required "
                       "(Authorization: Bearer KEY or x-api-key: KEY)")
+REPEATED_KEY = Refusal(400, "invalid_request", "send one API key header, once")
+NOT_ORIGIN_FORM = Refusal(400, "invalid_request", "llmtap takes origin-form request targets "
+                          "(a path such as /api/chat), not absolute URLs: it is a reverse "
+                          "proxy, not a forward one")
+FRAGMENT = Refusal(400, "invalid_request", "a request target has no #fragment")
+
+
+def target_refusal(target: bytes, path: str) -> Refusal | None:
+    """A target that is not a plain path, or that names an observed endpoint in disguise."""
+    if not target.startswith(b"/"):
+        return NOT_ORIGIN_FORM
+    if b"#" in target:
+        return FRAGMENT
+    if "%" in path or "//" in path or "/." in path:
+        plain = posixpath.normpath(unquote(path))
+        if plain in ENDPOINTS and plain != path:
+            return Refusal(400, "invalid_request", f"send this endpoint's path as {plain}, "
+                           "without percent-encoding or dot segments")
+    return None
 
 
 @dataclass
@@ -32,9 +60,17 @@ class Admission:
     live: LiveState | None = None
     max_waiting_per_model: int = 0  # 0: no limit
 
-    def key(self, fields: dict[bytes, bytes]) -> tuple[Admitted | None, Refusal | None]:
+    def key(self, fields: dict[bytes, bytes], headers: Headers
+            ) -> tuple[Admitted | None, Refusal | None]:
         if self.keys is None:
             return None, None
+        names = [name.lower() for name, _ in headers]
+        if any(names.count(header) > 1 for header in KEY_HEADERS):
+            # Repeated, their values are joined and match nothing, so a valid key in one of
+            # them would be forwarded: there is one key per request.
+            if self.on_rejected is not None:
+                self.on_rejected()
+            return None, REPEATED_KEY
         admitted = self.keys.check(fields)
         if admitted is None:
             if self.on_rejected is not None:

@@ -32,6 +32,11 @@ from exporter.relay.outcome import UpstreamConnectError, UpstreamResetError
 IDLE_SECONDS = 30.0  # a pooled connection idle longer than this is not reused
 MAX_IDLE_PER_ORIGIN = 256
 EARLY_LIMIT = 1 << 20  # bytes held for an exchange that has not started reading yet
+# Response bytes that are not body (status line, headers, 1xx answers, chunk-size lines)
+# read since the last body byte: an upstream that sends endless headers is cut here (it grew
+# llmtap to 3.7 GB before this bound).
+MAX_FRAMING_BYTES = 256 << 10
+MAX_REASON = 64  # a reason phrase longer than this is replaced by the standard one
 COPY_LIMIT = 64 << 10  # request bodies up to this size go out in one buffer with the head
 
 
@@ -185,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pieces: list[bytes] = []  # body pieces of the read being parsed
         self._complete: bool | None = None  # the response ended in this read (reusable?)
         self._trailing = False  # ...and more bytes came after its end
+        self._framing = 0  # bytes read since the last body byte (a bound on heads)
 
     # ------------------------------------------------------------------ sending
 
@@ -194,6 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = self.pool.loop.create_future()
         self._head_only = request.method == b"HEAD"
         self._got_bytes = False
+        self._framing = 0
         body = request.body
         headers: Headers = [(b"Host", self.origin.host_header), *request.headers]
         if isinstance(body, bytes):
@@ -253,12 +260,23 @@ class UpstreamConnection(asyncio.Protocol):
         pieces = self._pieces
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._deliver(pieces)  # what was valid before the bad bytes still goes on
-            self._lost(UpstreamResetError(f"malformed response from {self.origin}: {exc}"))
+            if self._complete is not None:  # bytes after a complete answer: it stands
+                self._trailing = True
+            else:
+                self._lost(UpstreamResetError(f"malformed response from {self.origin}: "
+                                              f"{exc!r}"))
+                self.close()
+                return
+        self._framing = 0 if pieces or self._complete is not None else \
+            self._framing + len(data)
+        self._deliver(pieces)
+        if self._framing > MAX_FRAMING_BYTES:
+            self._lost(UpstreamResetError(f"{self.origin} sent more than "
+                                          f"{MAX_FRAMING_BYTES} bytes of response head"))
             self.close()
             return
-        self._deliver(pieces)
         if self._complete is not None:
             # Bytes after the end of the answer (a second response nobody asked for) would
             # be read as the start of the next client's answer: such a connection is spent.
@@ -317,8 +335,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._trailing = True
 
     def on_status(self, reason: bytes) -> None:
-        if self._response is not None and self._complete is None:
-            self._response.reason += reason
+        response = self._response
+        if response is not None and self._complete is None and \
+                len(response.reason) < MAX_REASON:
+            response.reason = (response.reason + reason)[:MAX_REASON + 1]
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None and self._complete is None:
@@ -329,9 +349,15 @@ class UpstreamConnection(asyncio.Protocol):
         if response is None or self._complete is not None:
             return
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:  # llmtap asked for no upgrade: an upstream switching is broken
+            self._lost(UpstreamResetError(f"{self.origin} switched protocols (101)"))
+            self.close()
+            return
+        if 100 <= status < 200:
             response.headers, response.reason = [], b""  # informational: the real one follows
             return
+        if len(response.reason) > MAX_REASON:
+            response.reason = b""  # the standard phrase is sent instead
         response.status = status
         response.delimited = self._delimited(response)
         if self._head is not None and not self._head.done():

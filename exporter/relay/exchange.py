@@ -30,6 +30,7 @@ from exporter.protocols import endpoint_for, parse_request_body
 from exporter.protocols.errors import error_body
 from exporter.protocols.observe import ResponseObserver
 from exporter.record import Outcome, RequestRecord
+from exporter.relay.admission import target_refusal
 from exporter.relay.client import OutgoingRequest
 from exporter.relay.deadline import Deadline
 from exporter.relay.http1 import LAST_CHUNK, Headers, end_to_end, response_head
@@ -45,8 +46,9 @@ from exporter.relay.outcome import (
 
 if TYPE_CHECKING:
     from exporter.events import RequestInfo
+    from exporter.relay.connection import ClientConnection
     from exporter.relay.proxy import Proxy
-    from exporter.relay.server import ClientConnection, IncomingRequest
+    from exporter.relay.request import IncomingRequest
     from exporter.relay.upstream import UpstreamResponse
 
 log = structlog.get_logger("llmtap.proxy")
@@ -61,9 +63,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 REWRITTEN = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
                        b"x-forwarded-host"})
 UNTRUSTED = REWRITTEN | {b"forwarded"}  # from a peer not in --trusted-proxies
-NOT_ORIGIN_FORM = Refusal(400, "invalid_request", "llmtap takes origin-form request targets "
-                          "(a path such as /api/chat), not absolute URLs: it is a reverse "
-                          "proxy, not a forward one")
 
 
 class Exchange:
@@ -102,7 +101,7 @@ class Exchange:
     def begin(self) -> None:
         """The request head is in: check what can be checked before reading anything."""
         request = self.request
-        self.admitted, refusal = self.proxy.admission.key(request.fields)
+        self.admitted, refusal = self.proxy.admission.key(request.fields, request.headers)
         if refusal is not None:  # no record, no task: a hash and an answer
             self._answer(refusal, recorded=False)
             if not request.body.complete:
@@ -111,9 +110,8 @@ class Exchange:
             return
         if self.admitted is not None:
             self.record.key_name = self.admitted.name
-        refusal = self.proxy.admission.body_length(request.body.length)
-        if refusal is None and not request.origin_form:
-            refusal = NOT_ORIGIN_FORM
+        refusal = self.proxy.admission.body_length(request.body.length) or \
+            target_refusal(request.target, request.path)
         if refusal is None and not request.body.complete and \
                 request.fields.get(b"expect", b"").lower() == b"100-continue":
             self.conn.send(CONTINUE)
@@ -237,6 +235,8 @@ class Exchange:
         self.deadline.rearm(self.proxy.idle_timeout, now)
         status = record.status = response.status
         headers = end_to_end(response.headers)
+        if status == 204:  # no body, so no length (RFC 9110 §8.6), whatever the upstream said
+            headers = [pair for pair in headers if pair[0].lower() != b"content-length"]
         length = content_type = encoding = None
         for name, value in headers:
             lower = name.lower()

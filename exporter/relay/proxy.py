@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 from exporter.models import ModelLabels
 from exporter.relay.admission import Admission
+from exporter.relay.connection import ClientConnection
 from exporter.relay.deadline import Sweeper
 from exporter.relay.exchange import Exchange
 from exporter.relay.observers import Observers
-from exporter.relay.server import ClientConnection, IncomingRequest, ProxyServer, ServerLimits
+from exporter.relay.request import IncomingRequest
+from exporter.relay.server import ProxyServer, ServerLimits
 from exporter.relay.upstream import Upstream
 
 
