@@ -100,8 +100,9 @@ class Sidecar:
             observers.append(TracingObserver(self.tracing, upstream.origin.host,
                                              upstream.origin.port))
         observers.append(self.metrics)
-        if self.settings.access_log:
-            observers.append(AccessLog())
+        self.access_log = AccessLog() if self.settings.access_log else None
+        if self.access_log is not None:
+            observers.append(self.access_log)
         return Observers(observers)
 
     async def start(self) -> None:
@@ -137,6 +138,8 @@ class Sidecar:
         finish, then the rest shuts down."""
         self.draining = True
         await self.proxy.stop(self.settings.shutdown_timeout)
+        if self.access_log is not None:
+            self.access_log.flush()  # the last requests' lines
         if self._admin is not None:
             await self._admin.cleanup()
         for task in self._tasks:

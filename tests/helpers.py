@@ -92,6 +92,18 @@ class Process:
     def lines(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
 
+    def settled_lines(self, event: str = "request") -> int:
+        """How many `event` lines the log holds once it has stopped growing: the access log
+        writes its lines together within 50 ms of the first, so a count taken right after
+        a request can still miss that request's line."""
+        count = len(self.json_lines(event))
+        while True:
+            time.sleep(0.15)
+            now = len(self.json_lines(event))
+            if now == count:
+                return count
+            count = now
+
     def json_lines(self, event: str | None = None) -> list[dict[str, Any]]:
         out = []
         for line in self.lines():

@@ -121,7 +121,7 @@ async def test_ttft_matches_what_a_raw_client_measures(llama_tap: Llmtap) -> Non
     """
     n = 30
     before = llama_tap.metrics()
-    logged_before = len(llama_tap.json_lines("request"))
+    logged_before = llama_tap.settled_lines()
     client_ttfts = [await raw_stream_ttft(llama_tap.url, {"prompt": "Once upon a time",
                                                           "n_predict": 4, "stream": True})
                     for _ in range(n)]
@@ -354,7 +354,7 @@ async def test_sdk_streams_without_include_usage_count_the_servers_tokens(
     no usage on chat, so its `timings` must stand in; answers that end on a stop make the
     server's count one more than the content frames, so counting frames would be caught."""
     delta = Delta(llama_tap, llama_server)
-    before = len(llama_tap.json_lines("request"))
+    before = llama_tap.settled_lines()
     client = AsyncOpenAI(base_url=llama_tap.url + "/v1", api_key="unused", max_retries=0)
     expected = []
 
@@ -408,7 +408,7 @@ async def test_cached_prompt_tokens_are_the_servers_cache_n(llama_server: LlamaS
     (cache_prompt is on by default). llmtap's input is prompt_n + cache_n, its cached count
     cache_n, whether usage is there (include_usage, /v1/completions) or only timings."""
     delta = Delta(llama_tap, llama_server)
-    before = len(llama_tap.json_lines("request"))
+    before = llama_tap.settled_lines()
     chat = [{"role": "user", "content": long_text(20) + "\nWhich jar holds 5 coins?"}]
     prompt = long_text(20)
     cases = [
@@ -489,7 +489,7 @@ async def test_prompt_progress_events_are_not_the_first_token(llama_server: Llam
     events arrive while the prompt is processed, seconds before the first token; llmtap's TTFT
     is the first content frame, and progress events are not tokens."""
     delta = Delta(llama_tap, llama_server)
-    before = len(llama_tap.json_lines("request"))
+    before = llama_tap.settled_lines()
     paths = ["/v1/chat/completions", "/completion", "/v1/completions"]
     answers = []
     async with aiohttp.ClientSession() as session:
@@ -541,7 +541,7 @@ async def test_sse_pings_during_prefill_are_not_tokens(
     interval: relayed as sent, never the first token, never counted, never unparseable."""
     server, tap = pinging_tap
     delta = Delta(tap, server)
-    before = len(tap.json_lines("request"))
+    before = tap.settled_lines()
     text = long_text(60)  # ~820 tokens (850 with the chat template)
     cases = [
         ("/v1/chat/completions", {"model": "x", "max_tokens": 3, "stream": True, "messages":
@@ -574,7 +574,7 @@ async def test_tpot_of_an_answer_ending_on_a_withheld_token(llama_server: LlamaS
     answer's last token is the frame that ends it, so TPOT is the server's, give or take
     the relay."""
     delta = Delta(llama_tap, llama_server)
-    before = len(llama_tap.json_lines("request"))
+    before = llama_tap.settled_lines()
     async with aiohttp.ClientSession() as session:
         answer = await stream(session, llama_tap.url + "/v1/completions", {
             "model": "x", "prompt": "The capital of France is", "max_tokens": 16,

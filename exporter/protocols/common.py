@@ -30,10 +30,9 @@ def number(value: Any) -> float | None:
 
 
 def count(value: Any) -> int | None:
-    """A JSON integer ≥ 0 (token counts), else None."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
+    """A JSON integer ≥ 0 (token counts), else None. (orjson gives plain ints: `type() is`
+    is the whole test, and it excludes bool.)"""
+    return value if type(value) is int and value >= 0 else None
 
 
 LLAMACPP_TIMINGS = ("prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n")

@@ -116,6 +116,14 @@ class NDJSONFramer(LineFramer):
     def unparseable(self) -> int:
         return self._bad + self.overflows
 
+    def feed(self, data: bytes) -> None:
+        # The common chunk is exactly one whole line: no buffer, no scan loop.
+        if not self._buf and not self._discarding and data.endswith(b"\n") and \
+                data.find(b"\n") == len(data) - 1:
+            self._line(data[:-1])
+            return
+        super().feed(data)
+
     def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -150,6 +158,16 @@ class SSEFramer(LineFramer):
     @property
     def unparseable(self) -> int:
         return self._bad + self.overflows
+
+    def feed(self, data: bytes) -> None:
+        # The common chunk is exactly one event, `data: {...}\n\n`: straight to its value.
+        if not self._buf and not self._discarding and self._data is None and \
+                data.startswith(b"data: ") and data.endswith(b"\n\n") and \
+                data.find(b"\n") == len(data) - 2 and not data.endswith(b"\r\n\n"):
+            self._data = data[6:-2]
+            self._dispatch()
+            return
+        super().feed(data)
 
     def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.events import NOT_AN_OBJECT, Answered
+from exporter.events import JUST_A_TOKEN, NOT_AN_OBJECT, Answered
 from exporter.protocols import Endpoint
 from exporter.protocols.framing import Framer, framer_for
 from exporter.record import RequestRecord, apply
@@ -57,7 +57,14 @@ class ResponseObserver:
             return
         if not self._named:
             self._name(value)
-        for event in self._events(value):
+        events = self._events(value)
+        if events is JUST_A_TOKEN:  # most frames: what apply() does for a token, inline
+            if record.first_token is None:
+                record.first_token = now
+            record.last_token = now
+            record.token_chunks += 1
+            return
+        for event in events:
             apply(record, event, now)
 
     def _name(self, obj: dict[str, Any]) -> None:

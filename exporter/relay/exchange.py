@@ -281,7 +281,9 @@ class Exchange:
         if self._head:
             out = self._head + out
             self._head = b""
-        self.conn.send(out)  # stamped before the write: TTFT never later than the client's
+        conn = self.conn
+        if not conn.lost:  # stamped before the write: TTFT never later than the client's
+            conn.transport.write(out)  # type: ignore[union-attr]
         self._last = data
         record = self.record
         if self.deadline is not None:
