@@ -1821,7 +1821,10 @@ async def start_simulator(
     # /sim/stats "cancelled" measures.
     runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # A real server's backlog (Linux's somaxconn is 4096): with aiohttp's 128, a burst of a
+    # few hundred connections had SYNs dropped and retried a second later, which a benchmark
+    # then measured as the server's latency.
+    site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, bound
