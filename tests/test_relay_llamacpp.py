@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import statistics
 import time
 import uuid
@@ -87,30 +88,29 @@ async def test_openai_sdk_and_raw_completion_metrics(llama_server: LlamaServer,
                               "gen_ai_request_model") == {llama_server.model}
 
 
-async def raw_stream_ttft(base: str, body: dict[str, Any]) -> float:
-    """Seconds from sending the request to receiving the first non-empty token, raw HTTP."""
+def raw_stream_ttft(base: str, body: dict[str, Any]) -> float:
+    """Seconds from sending the request to receiving the first non-empty token: a blocking
+    socket and nothing else, so the client adds no event loop of its own to the gap."""
     host, port = base.removeprefix("http://").split(":")
     payload = orjson.dumps(body)
     request = (f"POST /completion HTTP/1.1\r\nHost: {host}:{port}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                "Connection: close\r\n\r\n").encode() + payload
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         seen = b""
         start = time.perf_counter()
-        writer.write(request)
+        sock.sendall(request)
         while True:
-            data = await reader.read(65536)
+            data = sock.recv(65536)
             assert data, "stream ended before a token"
             seen += data
             if FIRST_TOKEN.search(seen):
                 first = time.perf_counter() - start
                 break
-        while await reader.read(65536):
+        while sock.recv(65536):
             pass
-        return first
-    finally:
-        writer.close()
+    return first
 
 
 async def test_ttft_matches_what_a_raw_client_measures(llama_tap: Llmtap) -> None:
@@ -122,8 +122,9 @@ async def test_ttft_matches_what_a_raw_client_measures(llama_tap: Llmtap) -> Non
     n = 30
     before = llama_tap.metrics()
     logged_before = llama_tap.settled_lines()
-    client_ttfts = [await raw_stream_ttft(llama_tap.url, {"prompt": "Once upon a time",
-                                                          "n_predict": 4, "stream": True})
+    client_ttfts = [await asyncio.to_thread(raw_stream_ttft, llama_tap.url,
+                                            {"prompt": "Once upon a time", "n_predict": 2,
+                                             "stream": True})
                     for _ in range(n)]
     for _ in range(50):
         lines = llama_tap.json_lines("request")[logged_before:]
@@ -133,15 +134,15 @@ async def test_ttft_matches_what_a_raw_client_measures(llama_tap: Llmtap) -> Non
     assert len(lines) == n and all(line["status"] == 200 for line in lines)
     tap_ttfts = [line["ttft_ms"] / 1000 for line in lines]
     gaps_ms = sorted((c - t) * 1000 for c, t in zip(client_ttfts, tap_ttfts, strict=True))
-    p50 = statistics.median(gaps_ms)
+    mean, p50 = statistics.fmean(gaps_ms), statistics.median(gaps_ms)
     p90 = gaps_ms[int(0.9 * n) - 1]
-    print(f"\nclient TTFT - llmtap TTFT over {n} raw requests (ms): min {gaps_ms[0]:.3f} "
-          f"p50 {p50:.3f} p90 {p90:.3f} max {gaps_ms[-1]:.3f}; "
+    print(f"\nclient TTFT - llmtap TTFT over {n} raw requests (ms): mean {mean:.3f}, min "
+          f"{gaps_ms[0]:.3f} p50 {p50:.3f} p90 {p90:.3f} max {gaps_ms[-1]:.3f}; "
           f"client TTFT p50 {statistics.median(client_ttfts) * 1000:.1f} ms")
     assert gaps_ms[0] >= -0.001  # never later than the client (log has µs resolution)
-    # The gap is loopback plus both sides' event loops on a 2-core machine shared with
-    # llama-server; its distribution is reported above. 5 ms catches buffering, not noise.
-    assert p50 < 5.0
+    # The gap is the request's way in (client to llmtap's arrival stamp) plus the token's
+    # way out (llmtap's write to the client's read), both on loopback.
+    assert mean < 1.0
     after = llama_tap.metrics()
     retries = after.value("llmtap_upstream_retries_total") - before.value(
         "llmtap_upstream_retries_total")

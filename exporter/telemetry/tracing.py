@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,6 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
@@ -163,6 +165,40 @@ class CountingBatchProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
+class PresetIds(IdGenerator):
+    """The ids of a request's span are picked when the request starts (its traceparent goes
+    upstream then) and handed to the SDK when the span is made, once the request is over:
+    making it first cost 25 µs on the way to the upstream, in every request's TTFT."""
+
+    def __init__(self) -> None:
+        self.random = RandomIdGenerator()
+        self._trace_id = 0
+        self._span_id = 0
+
+    def preset(self, trace_id: int, span_id: int) -> None:
+        self._trace_id, self._span_id = trace_id, span_id
+
+    def generate_trace_id(self) -> int:
+        trace_id, self._trace_id = self._trace_id, 0
+        return trace_id or self.random.generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        span_id, self._span_id = self._span_id, 0
+        return span_id or self.random.generate_span_id()
+
+
+@dataclass(slots=True)
+class PendingSpan:
+    """What the span will be made from when the request ends."""
+
+    parent: Context
+    trace_id: int
+    span_id: int
+    name: str
+    start_ns: int
+    recording: bool
+
+
 class Tracing:
     def __init__(self, registry: CollectorRegistry,
                  env: Mapping[str, str] = os.environ,
@@ -174,41 +210,49 @@ class Tracing:
                                "Spans that could not be delivered to the OTLP collector "
                                "(export queue full or export failed)", registry=registry)
         drops = DropCounter(self.dropped)
-        self.provider = TracerProvider(resource=_resource(env), shutdown_on_exit=False)
+        self.ids = PresetIds()
+        self.provider = TracerProvider(resource=_resource(env), shutdown_on_exit=False,
+                                       id_generator=self.ids)
         self.provider.add_span_processor(
             CountingBatchProcessor(CountingExporter(exporter or _otlp_exporter(env), drops),
                                    drops))
         self.tracer = self.provider.get_tracer("llmtap", __version__)
 
-    def start(self, record: RequestRecord, upstream_host: str, upstream_port: int,
-              arrival_ns: int) -> trace.Span:
-        """The request's span, child of the client's traceparent (in `record.traceparent`);
-        the record then carries the traceparent the upstream request gets."""
-        carrier = {"traceparent": record.traceparent.decode("latin-1")} \
-            if record.traceparent else {}
-        parent: Context = PROPAGATOR.extract(carrier)
+    def start(self, record: RequestRecord, arrival_ns: int) -> PendingSpan:
+        """The request's span, child of the client's traceparent (in `record.traceparent`),
+        decided now: its ids, whether it is sampled, and the traceparent the upstream request
+        carries (left in `record.traceparent`). The SDK span is made by `finish`."""
+        parent = PROPAGATOR.extract({"traceparent": record.traceparent.decode("latin-1")}) \
+            if record.traceparent else Context()
+        parent_context = trace.get_current_span(parent).get_span_context()
+        trace_id = parent_context.trace_id if parent_context.is_valid else \
+            self.ids.random.generate_trace_id()
+        span_id = self.ids.random.generate_span_id()
         name = record.operation or record.method
         if record.operation and record.live_label:
             name = f"{record.operation} {record.live_label}"
-        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT,
-                                      start_time=arrival_ns)
-        if span.is_recording():
-            span.set_attributes({"server.address": upstream_host, "server.port": upstream_port,
-                                 "http.request.method": record.method,
-                                 "url.path": record.path[:MAX_PATH_ATTRIBUTE]})
-        context = span.get_span_context()
-        if context.trace_flags.sampled:
-            record.trace_id = format(context.trace_id, "032x")
-            record.span_id = format(context.span_id, "016x")
-        outgoing: dict[str, str] = {}
-        PROPAGATOR.inject(outgoing, context=trace.set_span_in_context(span))
-        record.traceparent = outgoing.get("traceparent", "").encode("latin-1")
-        return span
+        decision = self.provider.sampler.should_sample(parent, trace_id, name,
+                                                      SpanKind.CLIENT).decision
+        sampled = decision.is_sampled()
+        if sampled:
+            record.trace_id = format(trace_id, "032x")
+            record.span_id = format(span_id, "016x")
+        record.traceparent = b"00-%032x-%016x-%s" % (trace_id, span_id,
+                                                     b"01" if sampled else b"00")
+        return PendingSpan(parent, trace_id, span_id, name, arrival_ns,
+                           decision.is_recording())
 
-    @staticmethod
-    def finish(span: trace.Span, record: RequestRecord, end_ns: int) -> None:
+    def finish(self, pending: PendingSpan, record: RequestRecord, end_ns: int,
+               server: dict[str, Any]) -> None:
+        if not pending.recording:
+            return
+        self.ids.preset(pending.trace_id, pending.span_id)
+        span = self.tracer.start_span(pending.name, context=pending.parent,
+                                      kind=SpanKind.CLIENT, start_time=pending.start_ns)
         if span.is_recording():
-            span.set_attributes(span_attributes(record))
+            span.set_attributes({**server, "http.request.method": record.method,
+                                 "url.path": record.path[:MAX_PATH_ATTRIBUTE],
+                                 **span_attributes(record)})
             if record.error_type:
                 span.set_status(Status(StatusCode.ERROR, record.error_type))
         span.end(end_time=end_ns)
@@ -271,24 +315,25 @@ def _measured(record: RequestRecord) -> dict[str, Any]:
 
 
 class TracingObserver(Observer):
-    """One span per request: started with the request (its context goes upstream), ended
+    """One span per request: decided as the request starts (its context goes upstream), made
     with its facts when it finishes."""
 
     def __init__(self, tracing: Tracing, upstream_host: str = "", upstream_port: int = 0) -> None:
         self.tracing = tracing
-        self.host = upstream_host
-        self.port = upstream_port
+        self.server = {"server.address": upstream_host, "server.port": upstream_port}
 
     def started(self, record: RequestRecord) -> None:
         # Spans take wall-clock times; the record keeps perf_counter ones.
         arrival_ns = time.time_ns() - int((time.perf_counter() - record.arrival) * 1e9)
-        record.span = self.tracing.start(record, self.host, self.port, arrival_ns)
+        record.span = self.tracing.start(record, arrival_ns)
         if record.trace_id:  # every log line of this request carries its trace
             structlog.contextvars.bind_contextvars(trace_id=record.trace_id,
                                                    span_id=record.span_id)
 
     def finished(self, record: RequestRecord) -> None:
-        span, record.span = record.span, None
-        if span is not None:
+        pending, record.span = record.span, None
+        if isinstance(pending, PendingSpan):
             end = record.end if record.end is not None else time.perf_counter()
-            Tracing.finish(span, record, time.time_ns() - int((time.perf_counter() - end) * 1e9))
+            self.tracing.finish(pending, record,
+                                time.time_ns() - int((time.perf_counter() - end) * 1e9),
+                                self.server)
