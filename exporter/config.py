@@ -201,7 +201,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("gpu_interval", parse_seconds, 2.0,
            "seconds between GPU samples", "SECONDS"),
     Option("access_log", parse_bool, True,
-           "write one JSON access-log line per request to stdout", "true|false"),
+           "write one JSON access-log line per request to stdout (lines are written "
+           "together, at most 50 ms after the first)", "true|false"),
     Option("log_format", choice(LOG_FORMATS), "json",
            "log line format: json (one object per line) or console (for humans)",
            "|".join(LOG_FORMATS)),

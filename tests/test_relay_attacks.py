@@ -21,6 +21,7 @@ import pytest
 
 from exporter.auth import key_file_line, new_key
 from tests.helpers import Llmtap, Simulator, running
+from tests.loopback import LoopbackServer
 from tests.test_relay_hostile import RecordingUpstream, raw_exchange, split_response
 
 DURATION = "gen_ai_server_request_duration_seconds_count"
@@ -224,26 +225,12 @@ async def test_pipelined_bodies_are_not_read_ahead() -> None:
             assert rss - rss_before < 50 * MB
 
 
-class HostileUpstream:
+class HostileUpstream(LoopbackServer):
     """An upstream that answers each POST with `reply(served)` raw bytes, then waits."""
 
     def __init__(self, reply: bytes | None, endless_headers: bool = False) -> None:
         self.reply = reply
         self.endless_headers = endless_headers
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> HostileUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -24,6 +24,7 @@ import pytest
 
 from exporter.auth import key_file_line, new_key
 from tests.helpers import Llmtap, Simulator, running
+from tests.loopback import LoopbackServer
 from tests.test_relay_wire import RawUpstream, Reply, response
 
 DURATION = "gen_ai_server_request_duration_seconds_count"
@@ -149,29 +150,15 @@ class Received:
     closed: float | None = None
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     """Accepts connections and reads whatever comes, never answering; remembers for each
     connection when it opened, its request line, how much came and when llmtap closed it."""
 
     def __init__(self) -> None:
         self.connections: list[Received] = []
-        self.server: asyncio.Server | None = None
 
     def posts(self) -> list[Received]:
         return [c for c in self.connections if c.first_line.startswith(b"POST")]
-
-    async def __aenter__(self) -> RecordingUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received = Received(time.monotonic())
@@ -215,7 +202,7 @@ async def test_a_client_that_stops_sending_its_body_is_cut() -> None:
             assert m.value("llmtap_requests_in_flight") == 0
 
 
-class BlastingUpstream:
+class BlastingUpstream(LoopbackServer):
     """Answers each POST with an endless NDJSON stream of 16 KiB lines, as fast as the
     connection takes them (a poll gets a 404); remembers when llmtap closed a stream."""
 
@@ -223,20 +210,6 @@ class BlastingUpstream:
 
     def __init__(self) -> None:
         self.closed: list[float] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> BlastingUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -13,6 +13,7 @@ import pytest
 from yarl import URL
 
 from tests.helpers import Llmtap, running
+from tests.loopback import LoopbackServer
 
 # A handler answers with the whole response, None (drop the connection unanswered), or
 # (bytes, "hang" | "close"): send a first part, then go silent or drop the connection.
@@ -20,7 +21,7 @@ Reply = bytes | tuple[bytes, str] | None
 Handler = Callable[[str, str, dict[str, str], bytes, int], Reply]
 
 
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """A tiny HTTP/1.1 server on loopback; `handler` returns the raw response bytes, or None
     to close the connection without answering (what a server that dropped a keep-alive
     connection looks like to the client that reuses it)."""
@@ -28,20 +29,6 @@ class RawUpstream:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served = 0

@@ -273,6 +273,9 @@ async def run(args: argparse.Namespace) -> int:
             otlp = f"http://127.0.0.1:{receiver.port}"
             proxies.append(tg.llmtap(TMP, upstream.url, True, otlp, pin))
             proxies.append(tg.llmtap(TMP, upstream.url, False, otlp, pin))
+            if args.before:  # another checkout's llmtap, all telemetry on, in the same run
+                proxies.append(tg.llmtap(TMP, upstream.url, True, otlp, pin,
+                                         name="llmtap-before", root=Path(args.before)))
             proxies.append(tg.nginx(TMP, upstream.url, pin))
             if litellm_python is not None:
                 proxies.append(tg.litellm(TMP, upstream.url, litellm_python, pin))
@@ -653,6 +656,9 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true",
                         help="leave out the CPU section (benchmarks/overhead/cpu.py)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also measure the llmtap of another checkout (a git worktree of "
+                             "an older commit, say) as llmtap-before, with all telemetry on")
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 
