@@ -13,6 +13,12 @@ from collections.abc import Callable
 OTHER = "other"
 
 
+def tagged(name: str) -> str:
+    """Ollama's implicit tag, the one rule llmtap uses for it: `llama3` is `llama3:latest`
+    (a registry host's port, `host:5000/llama3`, is not a tag)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
 class ModelLabels:
     def __init__(self, allowed: tuple[str, ...] = (), max_learned: int = 100) -> None:
         self._allowed = frozenset(allowed)
@@ -47,8 +53,8 @@ class ModelLabels:
         if name in self._known:
             return name
         # Ollama treats "llama3" and "llama3:latest" as one model; its list has the tagged name.
-        if name and ":" not in name and (tagged := name + ":latest") in self._known:
-            return tagged
+        if name and (full := tagged(name)) != name and full in self._known:
+            return full
         return None
 
     def for_request(self, requested: str) -> str:

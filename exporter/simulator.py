@@ -41,6 +41,8 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
+from exporter.models import tagged
+
 __all__ = [
     "SimulatorConfig",
     "SimulatorStats",
@@ -222,13 +224,8 @@ class _ModelInfo:
     modified_ns: int
 
 
-def _canonical(name: str) -> str:
-    # Ollama lists "llama3.2:latest" for a model pulled as "llama3.2" and accepts both.
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
 def _model_info(name: str) -> _ModelInfo:
-    canon = _canonical(name)
+    canon = tagged(name)
     h = hashlib.sha256(canon.encode()).digest()
     low = canon.lower()
     if any(k in low for k in ("small", "tiny", "mini", "135m")):
@@ -306,7 +303,7 @@ class _Scheduler:
     def lookup(self, name: Any) -> _Model | None:
         if not isinstance(name, str) or not name:
             return None
-        return self.models.get(_canonical(name))
+        return self.models.get(tagged(name))
 
     # -- slots
 

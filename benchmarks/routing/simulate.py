@@ -45,8 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.routing.policies import POLICIES, Candidate, Policy, RequestTraits
-
-EWMA_ALPHA = 0.2  # as exporter/state.py
+from exporter.state import ewma
 
 ABSENT, LOADING, LOADED = 0, 1, 2
 EV_ARRIVAL, EV_PHASE, EV_LOADED, EV_POLL = 0, 1, 2, 3
@@ -141,10 +140,6 @@ class _Backend:
         self.active: list[_Req] = []
         self.t = 0.0  # when `remaining` of the active requests was last brought up to date
         self.version = 0  # phase-end events from before the last change are ignored
-
-
-def _ewma(previous: float | None, value: float) -> float:
-    return value if previous is None else previous + EWMA_ALPHA * (value - previous)
 
 
 @dataclass(slots=True)
@@ -380,7 +375,7 @@ class _Sim:
         run.state = LOADED
         run.last_used = self.now
         # The sidecar measures it (llmtap_model_load_duration_seconds); the router learns it.
-        run.load_seconds = _ewma(run.load_seconds, self.now - run.load_began)
+        run.load_seconds = ewma(run.load_seconds, self.now - run.load_began)
         if run.queue:
             self._start(b, m)
         if b.pending:
@@ -441,9 +436,9 @@ class _Sim:
         run.current = None
         run.last_used = self.now
         run.in_flight -= 1
-        run.ttft = _ewma(run.ttft, req.first - req.arrival)
+        run.ttft = ewma(run.ttft, req.first - req.arrival)
         if req.tokens > 1:
-            run.tpot = _ewma(run.tpot, (req.end - req.first) / (req.tokens - 1))
+            run.tpot = ewma(run.tpot, (req.end - req.first) / (req.tokens - 1))
         self.cands[m][b.idx].router_in_flight -= 1
         if req.measured:
             self.unfinished -= 1

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 import structlog
 
+from exporter.models import tagged
 from exporter.routing.config import BreakerSpec, CloudSpec, DnsSpec, RouterConfig
 from exporter.routing.policies import Candidate
 
@@ -88,8 +89,8 @@ class Breaker:
 
 def _lookup(models: dict[str, Any], name: str) -> dict[str, Any] | None:
     entry = models.get(name)
-    if entry is None and name and ":" not in name:
-        entry = models.get(name + ":latest")  # Ollama's tagged name for the same model
+    if entry is None and name:
+        entry = models.get(tagged(name))  # Ollama's tagged name for the same model
     return entry if isinstance(entry, dict) else None
 
 

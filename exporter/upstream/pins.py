@@ -10,13 +10,9 @@ serve that model rather than silently serving a different one.
 from __future__ import annotations
 
 from exporter import linefile
+from exporter.models import tagged
 
 MIN_DIGEST_PREFIX = 12
-
-
-def canonical_model(name: str) -> str:
-    """Ollama's implicit tag: `llama3` is `llama3:latest`."""
-    return name if ":" in name else name + ":latest"
 
 
 def _canonical_digest(digest: str) -> str:
@@ -31,7 +27,7 @@ def parse_pin(text: str) -> tuple[str, str]:
     if len(digest) < MIN_DIGEST_PREFIX or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError(f"the digest in {text!r} must be at least {MIN_DIGEST_PREFIX} hex "
                          "digits (as `ollama list` or /api/tags show it)")
-    return canonical_model(model.strip()), digest
+    return tagged(model.strip()), digest
 
 
 def parse_pins(items: tuple[str, ...]) -> dict[str, str]:
