@@ -21,7 +21,7 @@ import pytest
 
 from exporter.auth import key_file_line, new_key
 from tests.helpers import Llmtap, Simulator, running
-from tests.loopback import LoopbackServer
+from tests.loopback import LoopbackServer, read_request
 from tests.test_relay_hostile import RecordingUpstream, raw_exchange, split_response
 
 DURATION = "gen_ai_server_request_duration_seconds_count"
@@ -234,10 +234,7 @@ class HostileUpstream(LoopbackServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            await reader.readexactly(length)
+            head, _ = await read_request(reader)
             if not head.startswith(b"POST"):
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
             elif self.endless_headers:

@@ -320,6 +320,16 @@ async def logged(tap: Llmtap, before: int, n: int) -> list[dict[str, Any]]:
     return lines
 
 
+async def stream_each(tap: Llmtap, cases: list[tuple[str, dict[str, Any]]], before: int
+                      ) -> tuple[list[Streamed], list[dict[str, Any]]]:
+    """Each case streamed through the tap in turn, and the access-log line each left."""
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for path, body in cases:
+            answers.append(await stream(session, tap.url + path, body))
+    return answers, await logged(tap, before, len(cases))
+
+
 def server_counts(timings: dict[str, Any]) -> tuple[int, int, int]:
     """(input, output, cached) as llama-server itself counts them."""
     return (timings["prompt_n"] + timings["cache_n"], timings["predicted_n"],
@@ -423,11 +433,7 @@ async def test_cached_prompt_tokens_are_the_servers_cache_n(llama_server: LlamaS
         ("/v1/completions", {"model": "x", "prompt": prompt, "max_tokens": 2, "stream": True}),
         ("/completion", {"prompt": prompt, "n_predict": 2, "stream": True}),
     ]
-    answers = []
-    async with aiohttp.ClientSession() as session:
-        for path, body in cases:
-            answers.append(await stream(session, llama_tap.url + path, body))
-    lines = await logged(llama_tap, before, len(cases))
+    answers, lines = await stream_each(llama_tap, cases, before)
     delta.taken()
 
     print()
@@ -549,11 +555,7 @@ async def test_sse_pings_during_prefill_are_not_tokens(
                                   [{"role": "user", "content": text + "\nWhich jar?"}]}),
         ("/completion", progress_body("/completion", text)),
     ]
-    answers = []
-    async with aiohttp.ClientSession() as session:
-        for path, body in cases:
-            answers.append(await stream(session, tap.url + path, body))
-    lines = await logged(tap, before, len(cases))
+    answers, lines = await stream_each(tap, cases, before)
     delta.taken()
 
     print()
