@@ -179,14 +179,20 @@ class RequestRecord:
     def queue_wait(self) -> float | None:
         """Time before the server began work, where the server's timings let us derive it.
 
-        Ollama's load_duration covers the wait in its scheduler queue plus any model load:
-        when the model was already resident, it is the queue wait. llama.cpp reports its
-        prompt time: TTFT minus it is the wait for a slot (streamed answers only).
+        Ollama: total_duration minus the prompt and generation time, when the model was
+        already resident. Up to 0.2x the wait for a runner was inside load_duration; since
+        0.30 (llama-server runners) load_duration is the load alone (~1 ms when resident)
+        and the wait is what total_duration has beyond the three: the remainder covers both.
+        llama.cpp reports its prompt time: TTFT minus it is the wait for a slot (streamed
+        answers only).
         """
         timings = self.server_timings
-        load = timings.get("load_duration")
-        if load is not None:
-            return load if self.model_was_loaded else None
+        total = timings.get("total_duration")
+        if total is not None and "load_duration" in timings:
+            if not self.model_was_loaded:
+                return None
+            work = timings.get("prompt_eval_duration", 0.0) + timings.get("eval_duration", 0.0)
+            return max(0.0, total - work)
         prompt_ms = timings.get("prompt_ms")
         ttft = self.ttft
         if prompt_ms is not None and ttft is not None and self.stream:

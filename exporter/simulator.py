@@ -7,7 +7,8 @@ compare what a client receives directly from this server with what it receives t
 llmtap, so with a seed every answer is byte-identical for the same request.
 
 Frames follow the real servers' source, not their docs:
-- Ollama v0.12.6 (`api/types.go`, `server/routes.go`, `middleware/openai.go`): Go's
+- Ollama v0.34.4 (`api/types.go`, `server/routes.go`, `middleware/openai.go`; pinned against
+  the real one in tests/test_ollama.py): Go's
   encoding/json (compact, struct field order, `omitempty` metrics, `<>&` escaped), RFC 3339
   timestamps with trailing zeros trimmed, NDJSON lines ending in `\\n`, non-streamed answers
   through gin (`application/json; charset=utf-8`, no trailing newline) and the OpenAI layer's
@@ -18,8 +19,9 @@ Frames follow the real servers' source, not their docs:
 Scheduling mimics Ollama's: `parallel` requests run at once per model, the rest wait FIFO (up
 to `max_queue`, then HTTP 503), a model that is not resident is loaded first (`cold_load`),
 `max_loaded_models` evicts the least recently used idle model, and `keep_alive` unloads idle
-models. `load_duration` covers queue wait plus load, as in Ollama (its checkpoint is taken
-after the scheduler hands over the runner).
+models. `load_duration` is the model load alone and the queue wait is what `total_duration`
+has beyond load, prompt and generation, as in Ollama since 0.30 (measured on 0.34.4: a request
+that waited 8 s behind another reported load_duration 0.001 s).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class SimulatorConfig:
     max_loaded_models: int = 0  # 0 = unlimited; else loading one more evicts the LRU idle one
     keep_alive: float = 300.0  # seconds a model stays loaded after its last use (<0: forever)
     seed: int | None = None  # set: byte-identical answers for identical requests
-    version: str = "0.12.6"  # reported by /api/version
+    version: str = "0.34.4"  # reported by /api/version
     # Whose OpenAI-compatible layer /v1/* imitates: "ollama" or "llama.cpp" (llama-server's
     # frames, with timings; it serves models[0] whatever model name is sent).
     openai_flavor: str = "ollama"
@@ -435,6 +437,7 @@ class _Plan:
     keep_alive: float | None = None
     # Filled in while running (seconds on the loop clock):
     t_arrival: float = 0.0
+    t_turn: float = 0.0  # its turn came (the queue wait ends, a load may follow)
     t_loaded: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
@@ -554,7 +557,7 @@ class _Simulator:
             ev = max(round(n * self.dt * _NS), 1) if n else 0
             total = load + prompt_eval + max(n - 1, 0) * round(self.dt * _NS) + 1
             return _Timings(total, load, prompt_eval, ev, _SEED_EPOCH_NS + total)
-        load = max(round((plan.t_loaded - plan.t_arrival) * _NS), 1)
+        load = max(round((plan.t_loaded - plan.t_turn) * _NS), 1)
         if n:
             prompt_eval = max(round((plan.t_first - plan.t_loaded) * _NS), 1)
             ev = max(round((plan.t_last - plan.t_first + self.dt) * _NS), 1)
@@ -589,6 +592,7 @@ class _Simulator:
                 await self.sched.wait_turn(plan.model, waiter)
                 holding = True
             plan.slot = self.sched.take_slot_id(plan.model)
+            plan.t_turn = loop.time()
             await self.sched.ensure_loaded(plan.model)
             plan.t_loaded = loop.time()
             if stream:
@@ -677,11 +681,12 @@ def _metrics(t: _Timings, prompt_tokens: int, eval_count: int) -> dict[str, int]
         ("total_duration", t.total),
         ("load_duration", t.load),
         ("prompt_eval_count", prompt_tokens),
+        ("prompt_eval_cached_count", 0),  # 0.34.4 sends it even when 0 (no prompt cache here)
         ("prompt_eval_duration", t.prompt_eval),
         ("eval_count", eval_count),
         ("eval_duration", t.eval),
     )
-    return {k: v for k, v in pairs if v}
+    return {k: v for k, v in pairs if v or k == "prompt_eval_cached_count"}
 
 
 class _OllamaFramer(_Framer):
@@ -739,8 +744,9 @@ def _oai_error(
 ) -> web.Response:
     """openai.NewError as Ollama writes it.
 
-    Errors raised by the handler pass through the OpenAI writer: json.Encoder (newline) and
-    type "api_error" whatever the status. Errors raised by the middleware itself (bad request
+    Errors raised by the handler pass through the OpenAI writer: json.Encoder (newline);
+    the type is "invalid_request_error" for 400, "not_found_error" for 404 (0.34.4), else
+    "api_error". Errors raised by the middleware itself (bad request
     body) go through gin's c.JSON: charset in the content type, no newline.
     """
     obj = {"error": {"message": message, "type": etype, "param": None, "code": None}}
@@ -749,10 +755,11 @@ def _oai_error(
     return web.Response(status=status, body=_go_json(obj) + b"\n", content_type=_PLAIN_JSON)
 
 
-def _usage(p: _Plan) -> dict[str, int]:
+def _usage(p: _Plan) -> dict[str, Any]:
     n = len(p.pieces)
     return {
         "prompt_tokens": p.prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},  # 0.34.4: present, even at 0
         "completion_tokens": n,
         "total_tokens": p.prompt_tokens + n,
     }
@@ -790,20 +797,21 @@ class _OpenAIChatFramer(_OpenAIFramer):
 
     def __init__(self, sim: _Simulator, plan: _Plan, include_usage: bool) -> None:
         super().__init__(sim, plan, include_usage, "chatcmpl")
+        # Ollama 0.34.4, captured: no role-only opening chunk; the role rides on the first
+        # content chunk only; every chunk of a stream carries the first one's `created`.
         self._mid = (
             b',"model":' + _go_json(plan.name) + b',"system_fingerprint":"fp_ollama",'
             b'"choices":[{"index":0,"delta":{"role":"assistant","content":'
         )
+        self._later_mid = self._mid.replace(b'"role":"assistant",', b"")
         self._tail = b'},"finish_reason":null}]}\n\n'
+        self._created: int | None = None
 
-    def opening(self) -> bytes:
-        # An empty-content delta carrying the role, sent when work starts. OpenAI's API opens
-        # streams like this; Ollama 0.12.6 does not, but the frame is one Ollama can emit (it
-        # sends empty-content chunks), and it makes the first event precede the first token
-        # so that TTFT measured as "first non-empty delta" is exercised.
-        p = self.plan
-        ts = _SEED_EPOCH_NS + p.load_jitter_ns if p.seeded else time.time_ns()
-        return self._head + str(ts // _NS).encode() + self._mid + b'""' + self._tail
+    def token(self, piece: int, ts_ns: int) -> bytes:
+        mid = self._mid if self._created is None else self._later_mid
+        if self._created is None:
+            self._created = ts_ns // _NS
+        return self._head + str(self._created).encode() + mid + _VOCAB_JSON[piece] + self._tail
 
     def _chunk(self, created: int, choices: list[Any], usage: dict[str, int] | None) -> bytes:
         obj: dict[str, Any] = {
@@ -819,10 +827,9 @@ class _OpenAIChatFramer(_OpenAIFramer):
         return b"data: " + _go_json(obj) + b"\n\n"
 
     def closing(self, t: _Timings) -> bytes:
-        created = t.end_ns // _NS
-        delta = {"role": "assistant", "content": ""}
+        created = self._created if self._created is not None else t.end_ns // _NS
         out = self._chunk(
-            created, [{"index": 0, "delta": delta, "finish_reason": self.plan.reason}], None
+            created, [{"index": 0, "delta": {}, "finish_reason": self.plan.reason}], None
         )
         if self.include_usage:
             out += self._chunk(created, [], _usage(self.plan))
@@ -1472,6 +1479,7 @@ async def _embed_common(
         if waiter is not None:
             await sim.sched.wait_turn(m, waiter)
             holding = True
+        plan.t_turn = loop.time()
         await sim.sched.ensure_loaded(m)
         plan.t_loaded = loop.time()
         # An embedding costs about one prompt pass: the time-to-first-token.
@@ -1651,7 +1659,8 @@ async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
     else:
         found = sim.sched.lookup(name)
         if found is None:
-            return _oai_error(404, f"model '{name if isinstance(name, str) else ''}' not found")
+            return _oai_error(404, f"model '{name if isinstance(name, str) else ''}' not found",
+                              "not_found_error")
         m = found
     assert isinstance(name, str)
     limit = _positive_int(req.get("max_tokens")) or _positive_int(req.get("max_completion_tokens"))
@@ -1680,7 +1689,8 @@ async def _openai_embeddings(request: web.Request) -> web.StreamResponse:
     name = req.get("model")
     m = sim.sched.lookup(name)
     if m is None:
-        return _oai_error(404, f'model "{name}" not found, try pulling it first')
+        return _oai_error(404, f'model "{name}" not found, try pulling it first',
+                          "not_found_error")
     assert isinstance(name, str)
     res = await _embed_common(request, m, name, inputs)
     if isinstance(res, web.Response):

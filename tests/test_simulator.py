@@ -5,7 +5,8 @@ Frames are pinned two ways:
   build "b0-unknown", SmolLM2-135M-Instruct.Q4_1.gguf, `-c 2048 -np 2 --metrics`), kept below
   as literals. Only the model path (shortened) and /props' chat_template (abbreviated) were
   edited; the comparison is of key order and value types, recursively.
-- Ollama: it cannot run here, so against the key order of its v0.12.6 Go structs
+- Ollama: against the key order of its v0.34.4 Go structs (tests/test_ollama.py compares
+  them with the real Ollama too)
   (api/types.go ChatResponse/GenerateResponse/Metrics, openai/openai.go ChatCompletionChunk/
   CompletionChunk/Usage) and the error strings in server/routes.go and server/sched.go.
 """
@@ -136,13 +137,15 @@ LLAMA_PROPS = (
     '"cors_proxy_enabled":false}'
 )
 
-# Ollama v0.12.6 struct field order (api/types.go, openai/openai.go); metrics are omitempty.
+# Ollama v0.34.4 struct field order (api/types.go, openai/openai.go); metrics are omitempty,
+# except prompt_eval_cached_count (sent at 0 too).
 OLLAMA_CHAT_CHUNK = ["model", "created_at", "message", "done"]
 OLLAMA_GEN_CHUNK = ["model", "created_at", "response", "done"]
 OLLAMA_METRICS = [
     "total_duration",
     "load_duration",
     "prompt_eval_count",
+    "prompt_eval_cached_count",
     "prompt_eval_duration",
     "eval_count",
     "eval_duration",
@@ -151,7 +154,7 @@ OLLAMA_CHAT_FINAL = [*OLLAMA_CHAT_CHUNK, "done_reason", *OLLAMA_METRICS]
 OLLAMA_GEN_FINAL = [*OLLAMA_GEN_CHUNK, "done_reason", "context", *OLLAMA_METRICS]
 OAI_CHAT_CHUNK = ["id", "object", "created", "model", "system_fingerprint", "choices"]
 OAI_COMPLETION_CHUNK = ["id", "object", "created", "choices", "model", "system_fingerprint"]
-OAI_USAGE = ["prompt_tokens", "completion_tokens", "total_tokens"]
+OAI_USAGE = ["prompt_tokens", "prompt_tokens_details", "completion_tokens", "total_tokens"]
 OLLAMA_BUSY = b'{"error":"server busy, please try again.  maximum pending requests exceeded"}'
 
 FAST: dict[str, Any] = {"ttft": 0.005, "tokens_per_second": 2000.0, "output_tokens": 8}
@@ -339,7 +342,9 @@ async def test_ollama_chat_and_generate_stream_shapes() -> None:
         final = lines[-1]
         assert list(final) == final_keys and final["done"] is True
         assert final["done_reason"] == "stop" and final["eval_count"] == 8
-        assert all(isinstance(final[k], int) and final[k] > 0 for k in OLLAMA_METRICS)
+        assert all(isinstance(final[k], int) and final[k] > 0 for k in OLLAMA_METRICS
+                   if k != "prompt_eval_cached_count")
+        assert final["prompt_eval_cached_count"] == 0
     assert chat[0]["message"] == {"role": "assistant", "content": chat[0]["message"]["content"]}
     assert chat[-1]["message"] == {"role": "assistant", "content": ""}
     assert gen[-1]["response"] == "" and isinstance(gen[-1]["context"], list)
@@ -361,7 +366,7 @@ async def test_ollama_non_streamed_and_inventory_shapes() -> None:
     whole = orjson.loads(raw)
     assert list(whole) == OLLAMA_GEN_FINAL
     assert whole["done_reason"] == "length" and whole["eval_count"] == 3  # num_predict hit
-    assert version == b'{"version":"0.12.6"}'
+    assert version == b'{"version":"0.34.4"}'
     names = [m["name"] for m in tags["models"]]
     assert sorted(names) == ["sim-large:latest", "sim-small:latest"]  # Ollama adds the tag
     for m in tags["models"]:
@@ -419,15 +424,17 @@ async def test_openai_ollama_layer_shapes() -> None:
         emb = orjson.loads(await post(s, "/v1/embeddings", {"model": "sim-small", "input": "x"}))
     assert chat[-1] == b"[DONE]"
     events = [orjson.loads(e) for e in chat[:-1]]
-    assert len(events) == 1 + 8 + 1 + 1  # role opener, tokens, finish, usage
+    assert len(events) == 8 + 1 + 1  # tokens, finish, usage: no role-only opener (0.34.4)
     for ev in events:
         assert list(ev) == [*OAI_CHAT_CHUNK, "usage"] if not ev["choices"] else OAI_CHAT_CHUNK
         assert ev["id"] == events[0]["id"] and ev["id"].startswith("chatcmpl-")
         assert ev["system_fingerprint"] == "fp_ollama"
-    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert all(ev["choices"][0]["delta"]["content"] for ev in events[1:9])
-    assert events[9]["choices"][0]["finish_reason"] == "stop"
-    assert list(events[10]["usage"]) == OAI_USAGE and events[10]["usage"]["completion_tokens"] == 8
+    assert list(events[0]["choices"][0]["delta"]) == ["role", "content"]  # role on the first
+    assert all(list(ev["choices"][0]["delta"]) == ["content"] for ev in events[1:8])
+    assert all(ev["choices"][0]["delta"]["content"] for ev in events[:8])
+    assert len({ev["created"] for ev in events}) == 1  # pinned from the first chunk
+    assert events[8]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert list(events[9]["usage"]) == OAI_USAGE and events[9]["usage"]["completion_tokens"] == 8
     assert all(b'"usage"' not in e for e in plain)
     comp_events = [orjson.loads(e) for e in comp[:-1]]
     assert [list(e) for e in comp_events] == [[*OAI_COMPLETION_CHUNK]] * 3
@@ -451,7 +458,7 @@ async def test_unknown_models_get_each_dialects_not_found() -> None:
     assert results[1] == (404, b'{"error":"model \\"nope\\" not found, try pulling it first"}')
     assert results[2] == (
         404,
-        b'{"error":{"message":"model \'nope\' not found","type":"api_error","param":null,'
+        b'{"error":{"message":"model \'nope\' not found","type":"not_found_error","param":null,'
         b'"code":null}}\n',
     )
     assert results[3][0] == 200  # llama-server ignores `model`
@@ -561,13 +568,18 @@ async def test_cold_load_counted_and_reported() -> None:
     assert st["loads"] == 1 and st["loaded"] == ["sim-small:latest"]
 
 
-async def test_load_duration_includes_queue_wait() -> None:
+async def test_queue_wait_is_outside_load_duration_as_in_ollama_0_30() -> None:
+    """Real Ollama 0.34.4, measured: a request that waited 8 s behind another reported
+    load_duration 0.001 s; the wait is what total_duration has beyond load, prompt and eval."""
     cfg: dict[str, Any] = {"ttft": 0.01, "tokens_per_second": 100.0, "output_tokens": 10}
     async with simulator(**cfg) as s:
         req = {"model": "sim-small", "prompt": "q", "stream": False}
         await post(s, "/api/generate", req)  # load it
         a, b = await asyncio.gather(post(s, "/api/generate", req), post(s, "/api/generate", req))
-    waits = sorted(orjson.loads(x)["load_duration"] for x in (a, b))
+    answers = [orjson.loads(x) for x in (a, b)]
+    assert all(x["load_duration"] < 20_000_000 for x in answers)
+    waits = sorted(x["total_duration"] - x["load_duration"] - x["prompt_eval_duration"]
+                   - x["eval_duration"] for x in answers)
     assert waits[0] < 20_000_000 and waits[1] >= 90_000_000  # B waited for A (~0.1 s)
 
 

@@ -243,7 +243,7 @@ async def test_hanging_pollers_leave_the_relay_alone() -> None:
         if path in ("/api/tags", "/api/ps") and hanging["on"]:
             return (b"", "hang")
         if path == "/api/version":
-            return response(b'{"version":"0.12.6"}')
+            return response(b'{"version":"0.34.4"}')
         if path in ("/api/tags", "/api/ps"):
             return response(b'{"models":[{"name":"m:latest","digest":"ab","size":1}]}')
         return response(b'{"model":"m","message":{"content":"hi"},"done":true,'

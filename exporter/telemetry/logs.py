@@ -143,6 +143,8 @@ class AccessLog(Observer):
             "stream": record.stream,
             "ttft_ms": _ms(record.ttft),
             "duration_ms": _ms(record.duration),
+            "queue_wait_ms": _ms(record.queue_wait),
+            "load_ms": _ms(record.cold_load),
             "tokens_in": record.input_tokens,
             "tokens_out": record.output_token_count,
             "tokens_cached": record.cached_input_tokens,

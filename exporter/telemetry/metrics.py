@@ -101,7 +101,8 @@ class RequestMetrics(Observer):
         self.queue_wait = LoopHistogram(
             "llmtap_queue_wait_seconds",
             "Time before the server began work on the request, where its timings tell "
-            "(Ollama: load_duration with the model resident; llama.cpp: TTFT - prompt time)",
+            "(Ollama, model resident: total_duration - prompt and eval time; llama.cpp: TTFT - "
+            "prompt time)",
             BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
         self.load = LoopHistogram(
             "llmtap_model_load_duration_seconds",
