@@ -34,7 +34,7 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
         if draining():
             return web.json_response({"status": "not ready", "reason": "shutting down"},
                                      status=503)
-        if monitor.up:
+        if monitor.fresh():
             return web.json_response({"status": "ready", "upstream": monitor.url})
         return web.json_response(
             {"status": "not ready", "reason": "the upstream did not answer its health probe"},

@@ -7,6 +7,7 @@ README's configuration table all come from that declaration, so they cannot drif
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,16 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (a name other than localhost is not resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_host_port(text: str) -> HostPort:
@@ -134,7 +145,9 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("upstream", parse_upstream, None,
            "URL of the model server llmtap sits in front of (required), e.g. "
-           "http://127.0.0.1:11434 for Ollama or http://127.0.0.1:8080 for llama-server",
+           "http://127.0.0.1:11434 for Ollama, http://127.0.0.1:8080 for llama-server "
+           "(9931 in builds after llama.cpp PR 26508); the kind is detected, not guessed "
+           "from the port",
            "URL"),
     Option("upstream_kind", choice(UPSTREAM_KINDS), "auto",
            "what the upstream is: auto detects it (/api/version answers → ollama, /props → "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 
 import structlog
 from aiohttp import web
@@ -14,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from exporter import runtime
 from exporter.admin import create_admin_app
 from exporter.auth import ApiKeys
-from exporter.config import HostPort, Settings, settings_pins
+from exporter.config import HostPort, Settings, is_loopback_host, settings_pins
 from exporter.gpu import GpuCollector, GpuSampler
 from exporter.models import ModelLabels
 from exporter.relay.admission import Admission
@@ -29,6 +28,7 @@ from exporter.telemetry.metrics import RequestMetrics
 from exporter.telemetry.tracing import Tracing, TracingObserver, tracing_configured
 from exporter.upstream.collector import UpstreamCollector
 from exporter.upstream.monitor import UpstreamMonitor
+from exporter.upstream.supervisor import PollSupervisor
 from exporter.upstream.view import LoadTracking
 
 log = structlog.get_logger("llmtap")
@@ -57,8 +57,11 @@ class Sidecar:
             health_interval=settings.health_interval,
             inventory_interval=settings.inventory_interval,
             pinned=settings_pins(settings), enforce_pins=settings.enforce_pins)
-        self.labels.on_unknown = self.monitor.inventory_stale
-        self.registry.register(UpstreamCollector(self.monitor))
+        self.pollers = PollSupervisor(settings.upstream, self.monitor.sources())
+        self.monitor.on_up = self.pollers.poke
+        self.labels.on_unknown = lambda: self.pollers.poke("inventory")
+        self.monitor.idle = lambda: self.live.totals()[0] == 0
+        self.registry.register(UpstreamCollector(self.monitor, self.pollers, self.live))
         self.gpu = GpuSampler(interval=settings.gpu_interval, mode=settings.gpu)
         self.registry.register(GpuCollector(self.gpu))
         self.metrics = RequestMetrics(self.registry, self.live)
@@ -95,7 +98,9 @@ class Sidecar:
 
     def _observers(self, upstream: SingleUpstream) -> Observers:
         """In order: the live state first (the router reads it), the access log last."""
-        observers: list[Observer] = [self.live, LoadTracking(self.monitor.view)]
+        # Load tracking first: it completes a record's load time (llama.cpp's router) before
+        # the live state and the metrics read it.
+        observers: list[Observer] = [LoadTracking(self.monitor.view), self.live]
         if self.tracing is not None:
             observers.append(TracingObserver(self.tracing, upstream.origin.host,
                                              upstream.origin.port))
@@ -114,7 +119,7 @@ class Sidecar:
             raise StartupError(f"cannot listen on {listen} (--listen): {exc.strerror}") \
                 from None
         self.proxy_address = HostPort(listen.host, port)
-        if self.keys is None and not _loopback(listen.host):
+        if self.keys is None and not is_loopback_host(listen.host):
             log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
                         "it: no API keys are configured (--api-key-file)")
         self._admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor,
@@ -124,10 +129,10 @@ class Sidecar:
                                               " (--admin-listen)")
         # First probe before serving traffic, so the first requests already get the right
         # provider label and model inventory when the upstream is there.
-        await self.monitor.poll_once()
+        await self.pollers.poll_all_once()
         # Pollers and the GPU sampler run beside the relay, each failing on its own.
-        self._tasks = [asyncio.create_task(self.monitor.run(), name="upstream-monitor"),
-                       asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
+        self.pollers.start()
+        self._tasks = [asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
         log.info("llmtap serving", proxy=str(self.proxy_address),
                  admin=str(self.admin_address), upstream=self.settings.upstream,
                  kind=self.monitor.kind)
@@ -142,6 +147,8 @@ class Sidecar:
             self.access_log.flush()  # the last requests' lines
         if self._admin is not None:
             await self._admin.cleanup()
+        await self.pollers.stop()
+        await self.monitor.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -166,12 +173,3 @@ async def listen_app(runner: web.AppRunner, address: HostPort, what: str = "") -
         raise StartupError(f"cannot listen on {address}{what}: {exc.strerror}") from None
     port = runner.addresses[0][1] if runner.addresses else address.port
     return HostPort(address.host, port)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -122,5 +122,14 @@ class LiveState(Observer):
             settled.tpot = ewma(settled.tpot, tpot)
             settled.decode_tps = ewma(settled.decode_tps, 1.0 / tpot)
 
+    def in_flight(self, label: str) -> int:
+        state = self.models.get(label)
+        return state.in_flight if state is not None else 0
+
+    def totals(self) -> tuple[int, int]:
+        """Requests in flight, and of them those still waiting for a first token."""
+        return (sum(m.in_flight for m in self.models.values()),
+                sum(m.waiting for m in self.models.values()))
+
     def snapshot(self) -> dict[str, Any]:
         return {label: state.as_dict() for label, state in sorted(self.models.items())}

@@ -1,4 +1,5 @@
-"""Session-wide real servers: one llama-server (SmolLM2), one simulator, llmtap before each.
+"""Session-wide real servers: one llama-server and one Ollama (SmolLM2), one simulator, llmtap
+before each.
 
 A real part that CI is meant to have and that is missing fails the run (RuntimeError in the
 fixture), it never skips.
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import LlamaServer, Llmtap, Simulator
+from tests.helpers import LlamaServer, Llmtap, Ollama, Simulator
 
 # Fast, deterministic simulator answers; several requests per model at once so tests that
 # do not look at queueing do not queue.
@@ -30,6 +31,13 @@ def llama_tap(llama_server: LlamaServer) -> Iterator[Llmtap]:
     tap = Llmtap(llama_server.url)
     yield tap
     tap.stop()
+
+
+@pytest.fixture(scope="session")
+def ollama() -> Iterator[Ollama]:
+    server = Ollama()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -246,7 +246,7 @@ def llama_server_paths() -> tuple[str, str]:
 
 
 class LlamaServer(Process):
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         server, self.model = llama_server_paths()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -255,8 +255,57 @@ class LlamaServer(Process):
         # while repacking weights; without repacking it runs, a little slower.
         super().__init__([server, "-m", self.model, "--host", "127.0.0.1",
                           "--port", str(self.port), "--", "--metrics", "-c", "2048", "-np", "2",
-                          "--no-repack"])
+                          "--no-repack", *extra])
         self.wait_until_up(lambda: wait_http(self.url + "/health", 120, self.proc, self.log))
+
+
+def ollama_binary() -> str:
+    """The real Ollama, built from source by `bash scripts/ollama-path` (cached), or a clear
+    failure: CI is meant to have it, so a missing one fails the run."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "ollama-path")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=3000)
+    path = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    if result.returncode != 0 or not os.access(path, os.X_OK):
+        raise RuntimeError(f"scripts/ollama-path could not give an ollama binary:\n"
+                           f"{result.stderr[-3000:]}")
+    return path
+
+
+class Ollama(Process):
+    """The real Ollama on a loopback port, with SmolLM2 imported offline as `smollm2`.
+
+    OLLAMA_NUM_PARALLEL=1 unless `env` says otherwise: one request runs per model, the rest
+    wait, which is what the queue tests look at. LLAMA_ARG_REPACK=false reaches the
+    llama-server children (Ollama passes its environment on): see LlamaServer's --no-repack.
+    """
+
+    MODEL = "smollm2:latest"
+
+    def __init__(self, **env: str) -> None:
+        self.binary = ollama_binary()
+        _, gguf = llama_server_paths()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.models_dir = tempfile.mkdtemp(prefix="llmtap-ollama-")
+        self.env = {"OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": self.models_dir,
+                    "OLLAMA_NUM_PARALLEL": "1", "OLLAMA_NO_CLOUD": "1",
+                    "LLAMA_ARG_REPACK": "false", **env}
+        super().__init__([self.binary, "serve"], self.env)
+        self.wait_until_up(lambda: self._create(gguf))
+
+    def _create(self, gguf: str) -> None:
+        wait_http(self.url + "/api/version", 60, self.proc, self.log)
+        modelfile = Path(self.models_dir) / "Modelfile"
+        modelfile.write_text(f"FROM {gguf}\n")
+        done = subprocess.run([self.binary, "create", "smollm2", "-f", str(modelfile)],
+                              env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"ollama create failed: {done.stderr[-2000:]}")
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.models_dir, ignore_errors=True)
 
 
 P = TypeVar("P", bound=Process)

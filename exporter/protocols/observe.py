@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.events import JUST_A_TOKEN, NOT_AN_OBJECT, Answered
+from exporter.events import JUST_A_TOKEN, NOT_AN_OBJECT, UPSTREAM_ERROR, Answered
 from exporter.protocols import Endpoint
 from exporter.protocols.framing import Framer, framer_for
-from exporter.record import RequestRecord, apply
+from exporter.record import Outcome, RequestRecord, apply
+
+CUT_SHORT = ("chat", "text_completion")  # operations whose streams end with a finish frame
 
 
 class ResponseObserver:
@@ -43,10 +45,17 @@ class ResponseObserver:
         framer = self._framer
         if framer is None:
             return False
-        waiting = self._record.first_token is None
+        record = self._record
+        waiting = record.first_token is None
         if complete:
             framer.close()
-        self._record.unparseable += framer.unparseable
+            if record.stream and not record.finish_reasons and record.operation in CUT_SHORT \
+                    and record.outcome is Outcome.ANSWERED and record.status == 200:
+                # A generation stream whose HTTP body ended cleanly without its last frame:
+                # Ollama's /v1 layer does this when the model's runner dies (no finish chunk,
+                # no [DONE]). It was not answered.
+                apply(record, UPSTREAM_ERROR, self._last)
+        record.unparseable += framer.unparseable
         self._framer = None
         return waiting and self._record.first_token is not None
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from exporter.state import LiveState
 from exporter.upstream.monitor import UpstreamMonitor
-from exporter.upstream.view import ServerQueue
+from exporter.upstream.supervisor import PollSupervisor
+from exporter.upstream.view import ServerQueue, UpstreamView
 
 MODEL = ("gen_ai_request_model",)
 QUEUE_COUNTERS = {
@@ -24,8 +26,11 @@ QUEUE_COUNTERS = {
 
 
 class UpstreamCollector(Collector):
-    def __init__(self, monitor: UpstreamMonitor) -> None:
+    def __init__(self, monitor: UpstreamMonitor, pollers: PollSupervisor,
+                 live: LiveState) -> None:
         self._monitor = monitor
+        self._pollers = pollers
+        self._live = live
 
     def collect(self) -> Iterator[Metric]:
         monitor = self._monitor
@@ -38,6 +43,7 @@ class UpstreamCollector(Collector):
                                  labels=("kind", "version"))
         info.add_metric([monitor.kind or "unknown", monitor.version], 1.0)
         yield info
+        yield from _poll_metrics(self._pollers)
 
         models = view.models
         if models is not None:
@@ -57,11 +63,20 @@ class UpstreamCollector(Collector):
             vram = GaugeMetricFamily("llmtap_model_vram_bytes",
                                      "GPU memory the loaded model occupies", labels=MODEL)
             for name in sorted(set(models or ()) | loaded.keys()):
-                resident.add_metric([name], 1.0 if name in loaded else 0.0)
+                in_memory = name in loaded and loaded[name].in_memory
+                resident.add_metric([name], 1.0 if in_memory else 0.0)
                 if name in loaded and loaded[name].vram_bytes is not None:
                     vram.add_metric([name], float(loaded[name].vram_bytes or 0))
             yield resident
             yield vram
+            if monitor.llamacpp_router:
+                sleeping = GaugeMetricFamily(
+                    "llmtap_model_sleeping", "1 when llama.cpp's router has put the model to "
+                    "sleep (--sleep-idle-seconds: its weights are freed)", labels=MODEL)
+                for name in sorted(set(models or ()) | loaded.keys()):
+                    asleep = name in loaded and not loaded[name].in_memory
+                    sleeping.add_metric([name], 1.0 if asleep else 0.0)
+                yield sleeping
             loads = CounterMetricFamily("llmtap_model_loads",
                                         "Models seen going from unloaded to loaded",
                                         labels=MODEL)
@@ -86,6 +101,83 @@ class UpstreamCollector(Collector):
         queue = view.queue
         if queue is not None:
             yield from _queue_metrics(queue)
+        if view.model_queues is not None:
+            yield from _model_queue_metrics(view.model_queues, self._live)
+        yield from _scheduler_metrics(view, self._live)
+
+
+def _model_queue_metrics(queues: dict[str, ServerQueue], live: LiveState) -> Iterator[Metric]:
+    """Per model, inside the server (Ollama's runners): what runs, what waits, the cache."""
+    total = GaugeMetricFamily("llmtap_model_slots_total",
+                              "Request slots of the model's runner (its -np)", labels=MODEL)
+    busy = GaugeMetricFamily("llmtap_model_slots_busy",
+                             "Slots processing a request: what runs inside the server",
+                             labels=MODEL)
+    queued = GaugeMetricFamily(
+        "llmtap_model_requests_queued",
+        "Requests in flight through llmtap that have no slot yet: what waits inside the server",
+        labels=MODEL)
+    kv = GaugeMetricFamily("llmtap_model_kv_cache_usage_ratio",
+                           "Share of the runner's context its busy slots hold (0-1)",
+                           labels=MODEL)
+    for name, q in sorted(queues.items()):
+        if q.slots_total is not None:
+            total.add_metric([name], q.slots_total)
+        running = q.slots_busy if q.slots_busy is not None else q.processing
+        if running is not None:
+            busy.add_metric([name], running)
+            queued.add_metric([name], max(q.deferred or 0,
+                                          live.in_flight(name) - running))
+        if q.kv_cache_usage_ratio is not None:
+            kv.add_metric([name], q.kv_cache_usage_ratio)
+    yield from (total, busy, queued, kv)
+
+
+def _scheduler_metrics(view: UpstreamView, live: LiveState) -> Iterator[Metric]:
+    """The three gauges the Kubernetes inference gateways' endpoint picker schedules by (the
+    model-server protocol: vLLM's num_requests_waiting, num_requests_running and
+    kv_cache_usage_perc), for servers that publish none: from the server's own figures where
+    llmtap can read them, else from llmtap's counts (running: past the first token)."""
+    running, kv = _server_running_and_kv(view)
+    in_flight, waiting = live.totals()
+    deferred = view.queue.deferred if view.queue is not None else None
+    if running is None:
+        running, queued = in_flight - waiting, float(waiting)
+    else:
+        queued = max(float(deferred or 0), in_flight - running)
+    yield from _gauge("llmtap_server_requests_queued",
+                      "Requests waiting for the server to start them (model-server protocol)",
+                      queued)
+    yield from _gauge("llmtap_server_requests_running",
+                      "Requests the server is working on (model-server protocol)", running)
+    yield from _gauge("llmtap_server_kv_cache_usage_ratio",
+                      "KV-cache utilization 0-1, the fullest model's (model-server protocol)",
+                      kv)
+
+
+def _server_running_and_kv(view: UpstreamView) -> tuple[float | None, float | None]:
+    queues = list(view.model_queues.values()) if view.model_queues else []
+    if not queues and view.queue is not None:
+        queues = [view.queue]
+    running = [q.processing if q.processing is not None else q.slots_busy for q in queues]
+    known = [float(r) for r in running if r is not None]
+    kvs = [q.kv_cache_usage_ratio for q in queues if q.kv_cache_usage_ratio is not None]
+    return (sum(known) if known else None), (max(kvs) if kvs else None)
+
+
+def _poll_metrics(pollers: PollSupervisor) -> Iterator[Metric]:
+    success = GaugeMetricFamily("llmtap_upstream_poll_success",
+                                "1 when the source's last poll of the upstream worked",
+                                labels=("source",))
+    duration = GaugeMetricFamily("llmtap_upstream_poll_duration_seconds",
+                                 "How long the source's last poll took", labels=("source",))
+    for name, source in pollers.sources.items():
+        if source.success is not None:
+            success.add_metric([name], 1.0 if source.success else 0.0)
+        if source.duration is not None:
+            duration.add_metric([name], source.duration)
+    yield success
+    yield duration
 
 
 def _gauge(name: str, doc: str, value: float | int | None) -> Iterator[GaugeMetricFamily]:

@@ -7,7 +7,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-POLL_TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
+POLL_TIMEOUT_S = 5.0
+POLL_TIMEOUT = aiohttp.ClientTimeout(total=POLL_TIMEOUT_S, sock_connect=2)
 # The largest poll answer read: a model list of thousands of models, or llama.cpp's /metrics,
 # is well under it. A server that sends more (an endless body) gets its poll counted as failed
 # instead of filling llmtap's memory for the 5 s the timeout allows.
@@ -26,9 +27,15 @@ class Fetcher:
             self._session = aiohttp.ClientSession(timeout=POLL_TIMEOUT)
         return self._session
 
-    async def get(self, path: str) -> tuple[int, bytes] | None:
+    async def get(self, path: str, body: Any = None) -> tuple[int, bytes] | None:
+        """GET (or POST `body` as JSON): status and body, None on any failure."""
+        method = "GET" if body is None else "POST"
+        data = None if body is None else orjson.dumps(body)
         try:
-            async with self._client().get(self.base_url + path, allow_redirects=False) as resp:
+            async with self._client().request(
+                    method, self.base_url + path, data=data, allow_redirects=False,
+                    headers=None if data is None else {"Content-Type": "application/json"}) \
+                    as resp:
                 body = await resp.content.read(MAX_POLL_BYTES + 1)
                 if len(body) > MAX_POLL_BYTES:
                     return None
@@ -39,9 +46,9 @@ class Fetcher:
         except (aiohttp.ClientError, TimeoutError):
             return None
 
-    async def json(self, path: str) -> Any:
-        """The parsed body of a 200 JSON answer, else None."""
-        answer = await self.get(path)
+    async def json(self, path: str, body: Any = None) -> Any:
+        """The parsed body of a 200 JSON answer (to a GET, or a POST of `body`), else None."""
+        answer = await self.get(path, body)
         if answer is None or answer[0] != 200:
             return None
         try:

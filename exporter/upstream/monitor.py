@@ -11,8 +11,8 @@ failures are logged once per change of state, not once per tick.
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -20,8 +20,10 @@ import orjson
 import structlog
 
 from exporter.models import ModelLabels
-from exporter.upstream import llamacpp, ollama, openai, pins
-from exporter.upstream.fetch import Fetcher
+from exporter.upstream import llamacpp, llamacpp_router, ollama, openai, pins
+from exporter.upstream.fetch import POLL_TIMEOUT_S, Fetcher
+from exporter.upstream.runners import RunnerSource
+from exporter.upstream.supervisor import Source
 from exporter.upstream.view import ModelInfo, UpstreamView
 
 log = structlog.get_logger("llmtap.upstream")
@@ -46,10 +48,12 @@ class UpstreamMonitor:
         self.last_probe: float | None = None  # time.monotonic() of the last finished probe
         self._health_interval = health_interval
         self._inventory_interval = inventory_interval
-        self._inventory_due = 0.0
-        self._inventory_stale = False
+        self.on_up: Callable[[], None] | None = None  # told when the upstream comes up
+        self.idle: Callable[[], bool] = lambda: False  # True: llmtap has nothing in flight
         self._fetch = Fetcher(url)
-        self._failing: set[str] = set()  # sources whose last poll failed (logged once)
+        self.runners = RunnerSource(url, self._fetch, self.view)
+        self.llamacpp_router = False  # llama-server in router mode (/props role "router")
+        self.load_watch = llamacpp_router.LoadWatch(url, self.view)
         self._reported_up: bool | None = None  # what the log last said (None: nothing yet)
 
     @property
@@ -73,6 +77,7 @@ class UpstreamMonitor:
             return "ollama"
         props = await self._fetch.json("/props")
         if isinstance(props, dict):
+            self.llamacpp_router = llamacpp_router.is_router(props)
             build = props.get("build_info")
             self.version = build if isinstance(build, str) else ""
             return "llama.cpp"
@@ -102,16 +107,6 @@ class UpstreamMonitor:
         if isinstance(doc, dict) and isinstance(doc.get("version"), str):
             self.version = doc["version"]
 
-    def _source(self, name: str, ok: bool) -> None:
-        """Log a source's failure once when it starts failing and once when it recovers."""
-        if ok and name in self._failing:
-            self._failing.discard(name)
-            log.info("upstream poll recovered", upstream=self.url, source=name)
-        elif not ok and name not in self._failing:
-            self._failing.add(name)
-            log.warning("upstream poll failing", upstream=self.url, source=name,
-                        note="logged once until it recovers")
-
     def set_inventory(self, models: dict[str, ModelInfo]) -> None:
         previous = self.view.models
         if previous is not None:
@@ -123,7 +118,8 @@ class UpstreamMonitor:
         if previous is None or previous.keys() != models.keys():
             log.info("upstream models", models=sorted(models)[:50], count=len(models))
         self.view.models = models
-        self.labels.set_inventory(list(models), single_model_server=self.kind == "llama.cpp")
+        self.labels.set_inventory(list(models), single_model_server=self.kind == "llama.cpp"
+                                  and not self.llamacpp_router)
         if self.pins:
             mismatched = frozenset(pins.mismatched(
                 self.pins, {name: info.digest for name, info in models.items()}))
@@ -134,13 +130,20 @@ class UpstreamMonitor:
                                        else "not installed"))
             self.mismatched = mismatched
 
-    def inventory_stale(self) -> None:
-        """A request named a model we do not know: refresh the list soon (rate-limited)."""
-        self._inventory_stale = True
+    async def poll_health(self) -> bool:
+        """The health source: detection until the kind is known, then the kind's probe."""
+        try:
+            up = await self.probe()
+        except Exception:
+            self._set_up(False)  # a probe that cannot tell is not a healthy upstream
+            raise
+        self._set_up(up)
+        return up
 
-    async def poll_once(self) -> None:
-        up = await self.probe()
+    def _set_up(self, up: bool) -> None:
         self.last_probe = time.monotonic()
+        came_up = up and not self.up
+        self.up = up
         if up != self._reported_up:
             self._reported_up = up
             if up:
@@ -148,42 +151,93 @@ class UpstreamMonitor:
             else:
                 log.warning("upstream down", upstream=self.url, kind=self.kind,
                             note="logged once until it is back")
-        self.up = up
-        if not up or self.kind is None:
-            return
-        poller = POLLERS[self.kind]
-        now = time.monotonic()
-        if now >= self._inventory_due or self._inventory_stale:
-            self._inventory_stale = False
-            self._inventory_due = now + self._inventory_interval
-            models = await poller.inventory(self._fetch)
-            self._source("inventory", models is not None)
-            if models is not None:
-                self.set_inventory(models)
-        loaded = await poller.loaded(self._fetch)
-        if loaded is not None:
-            came, went = self.view.set_loaded(loaded)
-            for name in came:
-                log.info("model loaded", model=name, vram_bytes=loaded[name].vram_bytes)
-            for name in went:
-                log.info("model unloaded", model=name)
-        queue = await poller.queue(self._fetch)
-        if queue is not None or self.view.queue is not None:
-            self._source("server queue", queue is not None)
-        self.view.queue = queue
+        if came_up and self.on_up is not None:
+            self.on_up()  # the other sources poll now, not at their next tick
 
-    async def run(self) -> None:
-        """Poll forever (the first poll is expected done by the caller, before serving)."""
-        try:
-            while True:
-                await asyncio.sleep(self._health_interval)
-                await self.poll_once()
-        finally:
-            await self._fetch.close()
+    def fresh(self) -> bool:
+        """Up, and the health source answered within three of its intervals (a health
+        source that stopped running must not leave /readyz frozen at ready)."""
+        last = self.last_probe
+        return self.up and last is not None and \
+            time.monotonic() - last < 3 * self._health_interval + POLL_TIMEOUT_S
+
+    def _poller(self) -> ModuleType | None:
+        if not self.up or self.kind is None:
+            return None
+        return llamacpp_router if self.llamacpp_router else POLLERS[self.kind]
+
+    async def poll_inventory(self) -> bool | None:
+        if self.up and self.kind == "llama.cpp":  # which mode (set by a flag, not detected)
+            props = await self._fetch.json("/props")
+            if props is not None:
+                self.llamacpp_router = llamacpp_router.is_router(props)
+        poller = self._poller()
+        if poller is None:
+            return None
+        models = await poller.inventory(self._fetch)
+        if models is not None:
+            self.set_inventory(models)
+        return models is not None
+
+    async def poll_loaded(self) -> bool | None:
+        poller = self._poller()
+        if poller is None or not hasattr(poller, "loaded"):
+            return None  # llama-server and plain OpenAI servers do not load and unload
+        loaded = await poller.loaded(self._fetch)
+        if loaded is None:
+            return False
+        came, went = self.view.set_loaded(loaded)
+        for name in came:
+            log.info("model loaded", model=name, vram_bytes=loaded[name].vram_bytes)
+        for name in went:
+            log.info("model unloaded", model=name)
+        return True
+
+    async def poll_queue(self) -> bool | None:
+        poller = self._poller()
+        if poller is llamacpp_router:
+            queues = await llamacpp_router.model_queues(self._fetch, self.view)
+            self.view.model_queues = queues
+            return queues is not None
+        if poller is None or not hasattr(poller, "queue"):
+            return None
+        queue = await poller.queue(self._fetch, self.view.queue, self.idle())
+        had = self.view.queue is not None
+        self.view.queue = queue
+        if queue is None:
+            # Ollama has no queue to read; a server that once showed one and stopped fails.
+            return False if had else None
+        return True
+
+    def sources(self) -> list[Source]:
+        """The pollers, health first; run them with a PollSupervisor."""
+        health = self._health_interval
+        return [Source("health", health, self.poll_health),
+                Source("inventory", self._inventory_interval, self.poll_inventory,
+                       min_gap=health),
+                Source("loaded", health, self.poll_loaded),
+                Source("queue", health, self.poll_queue),
+                Source("runners", health, self.poll_runners),
+                Source("model_loads", health, self.watch_loads, at_startup=False)]
+
+    async def watch_loads(self) -> bool | None:
+        """llama.cpp's router: /models/sse, held open (this poll lasts as long as it does)."""
+        if not (self.up and self.kind == "llama.cpp" and self.llamacpp_router):
+            return None
+        return await self.load_watch.watch()
+
+    async def poll_runners(self) -> bool | None:
+        return await self.runners.poll(self.kind, self.up)
+
+    async def close(self) -> None:
+        await self.runners.close()
+        await self.load_watch.close()
+        await self._fetch.close()
 
     def state(self) -> dict[str, Any]:
         return {"url": _without_credentials(self.url), "kind": self.kind, "up": self.up,
                 "version": self.version or None, **self.view.as_dict(),
+                "runners_unseen_because": self.runners.blind,
                 "pins_mismatched": sorted(self.mismatched)}
 
 

@@ -1,11 +1,15 @@
-"""Ollama's own state: /api/tags (installed models, digests) and /api/ps (loaded models)."""
+"""Ollama's own state: /api/tags (installed models, digests) and /api/ps (loaded models).
+
+Ollama has no queue of its own to read (no `queue` here): llmtap_requests_waiting is the queue
+as clients feel it, and the model runners (runners.py) show what runs inside.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from exporter.upstream.fetch import Fetcher
-from exporter.upstream.view import LoadedModel, ModelInfo, ServerQueue
+from exporter.upstream.view import LoadedModel, ModelInfo
 
 
 def _str(value: Any) -> str:
@@ -47,7 +51,3 @@ async def loaded(fetch: Fetcher) -> dict[str, LoadedModel] | None:
                                        size_bytes=_int(entry.get("size")),
                                        expires_at=_str(entry.get("expires_at")))
             for entry in entries}
-
-
-async def queue(fetch: Fetcher) -> ServerQueue | None:
-    return None  # Ollama does not expose its scheduler queue: llmtap_requests_waiting does

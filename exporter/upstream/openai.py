@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from exporter.upstream import promtext
 from exporter.upstream.fetch import Fetcher
-from exporter.upstream.view import LoadedModel, ModelInfo, ServerQueue
+from exporter.upstream.view import ModelInfo, ServerQueue
 
 
 async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
@@ -15,11 +15,7 @@ async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
 
 
-async def loaded(fetch: Fetcher) -> dict[str, LoadedModel] | None:
-    return None
-
-
-async def queue(fetch: Fetcher) -> ServerQueue | None:
+async def queue(fetch: Fetcher, previous: ServerQueue | None, idle: bool) -> ServerQueue | None:
     text = await fetch.text("/metrics")
     values = promtext.parse(text, promtext.VLLM) if text else None
     return promtext.to_queue(values) if values is not None else None

@@ -45,11 +45,15 @@ def parse(text: str, mapping: dict[str, str]) -> dict[str, float] | None:
     return values or None
 
 
-def to_queue(values: dict[str, float], slots_total: int | None = None,
-             slots_busy: int | None = None) -> ServerQueue:
+def to_queue(values: dict[str, float], slots: ServerQueue | None = None) -> ServerQueue:
+    """The server's own figures, over what its slots showed (where it reports both)."""
+    kv = values.get("kv_cache_usage_ratio")
     return ServerQueue(
-        processing=values.get("processing"), deferred=values.get("deferred"),
-        kv_cache_usage_ratio=values.get("kv_cache_usage_ratio"),
-        slots_total=slots_total, slots_busy=slots_busy,
+        processing=values.get("processing", slots.processing if slots else None),
+        deferred=values.get("deferred"),
+        kv_cache_usage_ratio=kv if kv is not None else (
+            slots.kv_cache_usage_ratio if slots else None),
+        slots_total=slots.slots_total if slots else None,
+        slots_busy=slots.slots_busy if slots else None,
         counters={k.removeprefix("counter:"): v for k, v in values.items()
                   if k.startswith("counter:")})
