@@ -1574,7 +1574,9 @@ async def _ollama_tags(request: web.Request) -> web.Response:
             "modified_at": _go_time(i.modified_ns, local=True),
             "size": i.size,
             "digest": i.digest,
-            "details": _details(i),
+            # 0.34.4's tags add the lengths to details, and what the model can do.
+            "details": {**_details(i), "context_length": 8192, "embedding_length": i.embed_dim},
+            "capabilities": ["completion"],
         }
         for i in _sorted_infos(_sim(request))
     ]

@@ -288,6 +288,14 @@ async def test_simulator_frames_have_the_real_ollamas_shapes(ollama: Ollama, sim
         for part in ends:
             assert simulated[part] == real[part], (path, body, part)
         assert simulated[0] == real[0], (path, "Content-Type")
+    # The inventory and the loaded list: one entry's keys, order and types.
+    await post(sim.url, "/api/generate", {"model": "sim-small", "prompt": "Hi",
+                                          "options": {"num_predict": 1}})
+    for path in ("/api/tags", "/api/ps"):
+        real_doc = orjson.loads(await _get(ollama.url + path))
+        sim_doc = orjson.loads(await _get(sim.url + path))
+        assert real_doc["models"] and sim_doc["models"], path
+        assert shape(sim_doc["models"][0]) == shape(real_doc["models"][0]), path
 
 
 async def test_a_runner_killed_mid_stream_is_an_error_in_both_dialects(

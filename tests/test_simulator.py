@@ -370,7 +370,8 @@ async def test_ollama_non_streamed_and_inventory_shapes() -> None:
     names = [m["name"] for m in tags["models"]]
     assert sorted(names) == ["sim-large:latest", "sim-small:latest"]  # Ollama adds the tag
     for m in tags["models"]:
-        assert list(m) == ["name", "model", "modified_at", "size", "digest", "details"]
+        assert list(m) == ["name", "model", "modified_at", "size", "digest", "details",
+                           "capabilities"]
         assert len(m["digest"]) == 64 and isinstance(m["size"], int)
         assert list(m["details"]) == [
             "parent_model",
@@ -379,6 +380,8 @@ async def test_ollama_non_streamed_and_inventory_shapes() -> None:
             "families",
             "parameter_size",
             "quantization_level",
+            "context_length",
+            "embedding_length",
         ]
     [loaded] = ps["models"]
     assert loaded["name"] == "sim-small:latest"
