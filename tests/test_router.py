@@ -401,3 +401,35 @@ def test_sidecar_state_publishes_cold_load_time() -> None:
         live.finished(record)
     ewma = live.snapshot()["m"]["ewma"]
     assert ewma["load_seconds"] == pytest.approx(4.0 + 0.2 * (2.0 - 4.0))  # warm ones skipped
+
+
+@pytest.mark.parametrize(("header", "local"), [
+    (b"", False), (b"any", False), (b"ANY", False), (b"any, any", False),
+    (b"local", True), (b"Local", True), (b"local, any", True), (b"any, local", True),
+    (b"local;strict", True), (b"  local  ", True), (b"eu, local", True),
+    (b"eu", None), (b"anywhere", None), (b"localish", None), (b"any;strict", None),
+])
+def test_residency_fails_closed(header: bytes, local: bool | None) -> None:
+    """Any `local` token in any instance of the header means local (repeated fields arrive
+    joined by commas: a gateway's appended `local` cannot be undone by the client's `any`);
+    a value that says neither is refused (400), never read as `any`."""
+    from exporter.routing.upstream import residency_local
+
+    assert residency_local(header) is local
+
+
+def test_the_cloud_last_resort_survives_the_attempt_limit() -> None:
+    """With three local backends or more, the cloud appended as the last resort was cut by
+    the limit of three tries and never reached."""
+    from exporter.routing.decide import Target
+    from exporter.routing.upstream import MAX_ATTEMPTS, tries
+
+    spec = CloudSpec(name="cloud", base_url="http://127.0.0.1:9", api_key_env="NONE",
+                     models={"m": "m"})
+    cloud = Cloud(spec, Breaker(BreakerSpec()))
+    local = [Target(f"local-{i}", "m") for i in range(5)]
+    chosen = tries([*local, Target("cloud", "m", cloud=cloud)])
+    assert len(chosen) == MAX_ATTEMPTS
+    assert [t.backend for t in chosen] == ["local-0", "local-1", "cloud"]
+    assert tries(local) == local[:MAX_ATTEMPTS]  # no cloud: as before
+    assert tries(local[:2]) == local[:2]

@@ -343,6 +343,25 @@ async def test_hybrid_heavy_to_cloud_spill_under_overload_and_local_only_stays(
     assert cloud.stats()["started"] == 3
 
 
+async def test_residency_fails_closed_end_to_end(hybrid: dict[str, Any]) -> None:
+    """Heavy requests whose residency header holds `local` anywhere stay local, whatever the
+    client added; a value that says neither local nor any is a 400 in the client's dialect,
+    and reaches no backend."""
+    router: Router = hybrid["router"]
+    cloud: Simulator = hybrid["cloud"]
+    started = cloud.stats()["started"]
+    for value in ("local, any", "local;strict", "any, local"):
+        status, _ = await chat(router.url, "auto", "Prove step by step that 29 is prime",
+                               headers={"x-llmtap-residency": value})
+        assert status == 200, value
+    assert cloud.stats()["started"] == started
+    status, body = await chat(router.url, "auto", "Hi", headers={"x-llmtap-residency": "eu"})
+    assert status == 400 and "x-llmtap-residency" in orjson.loads(body)["error"]
+    status, body = await chat(router.url, "auto", "Hi", path="/v1/chat/completions",
+                              headers={"x-llmtap-residency": "anywhere"})
+    assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request"
+
+
 async def test_models_lists_and_errors_in_the_clients_dialect(hybrid: dict[str, Any]) -> None:
     router: Router = hybrid["router"]
     async with aiohttp.ClientSession() as session:
@@ -368,3 +387,24 @@ async def test_sidecars_found_in_dns(hybrid: dict[str, Any]) -> None:
         assert (await chat(router.url, "m1", options=SHORT))[0] == 200
         m = await router.metrics()
         assert decisions(m, backend="localhost/127.0.0.1", reason="policy") == 1
+
+
+async def test_readiness_is_the_router_not_the_fleet() -> None:
+    """A router whose whole fleet is down stays ready (alive, valid config): were it not,
+    Kubernetes would take every router pod out of its Service and clients would get
+    connection errors instead of the router's clear 503 in their dialect."""
+    from tests.helpers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = ("poll_interval: 0.2\nbackends:\n"
+              f'  - {{name: gone, proxy_url: "{dead}", admin_url: "{dead}"}}\n')
+    router = Router(config)  # starting waits for /readyz 200: that is the point
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.get(router.admin + "/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["backends_usable"] is False
+        status, body = await chat(router.url, "m1")
+        assert status in (404, 502, 503) and orjson.loads(body)["error"]
+    finally:
+        router.stop()

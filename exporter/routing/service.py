@@ -133,13 +133,17 @@ class Router:
             return web.json_response({"status": "ok"})
 
         async def readyz(request: web.Request) -> web.Response:
+            # Ready = alive with a valid config, whatever the fleet: were it 503 while the
+            # fleet is down, Kubernetes would take every router pod out of its Service and
+            # clients would get connection errors instead of the router's clear 503. The
+            # fleet's state is in /llmtap/v1/router and the metrics.
+            if self.draining:
+                return web.json_response({"status": "not ready", "reason": "shutting down"},
+                                         status=503)
             usable = any(s.breaker.eligible() and s.upstream_up
                          for s in self.backends.sidecars.values()) or any(
                 not c.unusable() for c in self.backends.clouds.values())
-            if self.draining or not usable:
-                reason = "shutting down" if self.draining else "no backend is usable"
-                return web.json_response({"status": "not ready", "reason": reason}, status=503)
-            return web.json_response({"status": "ready"})
+            return web.json_response({"status": "ready", "backends_usable": usable})
 
         async def state(request: web.Request) -> web.Response:
             body = {"llmtap": {"version": __version__, "role": "router"}, "time": time.time(),

@@ -28,6 +28,27 @@ if TYPE_CHECKING:
 
 RESIDENCY_HEADER = b"x-llmtap-residency"
 MAX_ATTEMPTS = 3  # first choice + two retries
+BAD_RESIDENCY = Refusal(400, "invalid_request", "x-llmtap-residency takes local or any")
+
+
+def residency_local(value: bytes) -> bool | None:
+    """The residency header, failing closed: True when any token of any instance (repeated
+    fields arrive joined by commas) is `local`, whatever else is there, so a client cannot
+    undo what a gateway appended; False for nothing or only `any`; None (a 400) for a value
+    that says neither."""
+    tokens = value.lower().replace(b";", b",").replace(b",", b" ").split()
+    if b"local" in tokens:
+        return True
+    return False if all(token == b"any" for token in tokens) else None
+
+
+def tries(targets: list[Target]) -> list[Target]:
+    """At most MAX_ATTEMPTS targets, keeping a cloud last resort that the limit would cut:
+    with three local backends or more it was never reached."""
+    if len(targets) <= MAX_ATTEMPTS:
+        return targets
+    resort = [t for t in targets[MAX_ATTEMPTS - 1:] if t.cloud is not None][:1]
+    return targets[:MAX_ATTEMPTS - len(resort)] + resort
 MAX_SHOWN_MODEL = 128
 
 
@@ -77,7 +98,9 @@ class RoutedUpstream:
         if request.method == "GET" and request.path in ("/v1/models", "/api/tags"):
             return LocalResponse(self._list(request.path))
         parsed = _json_object(exchange.payload) if exchange.endpoint is not None else None
-        residency = request.fields.get(RESIDENCY_HEADER, b"").strip().lower() == b"local"
+        residency = residency_local(request.fields.get(RESIDENCY_HEADER, b""))
+        if residency is None:
+            raise Refused(BAD_RESIDENCY)
         decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
                                        residency)
         exchange.record.route = decision
@@ -89,7 +112,7 @@ class RoutedUpstream:
                         parsed: dict[str, Any] | None) -> UpstreamResponse:
         failure: UpstreamConnectError | None = None
         replayable = exchange.request.body.complete
-        targets = decision.targets[:MAX_ATTEMPTS]
+        targets = tries(decision.targets)
         for i, target in enumerate(targets):
             if i and not replayable:
                 break  # a streamed body cannot be sent twice
