@@ -235,7 +235,7 @@ def test_circuit_breaker_ejects_probes_and_restores() -> None:
     clock.now += 1.5
     assert not breaker.eligible()
     clock.now += 0.5
-    breaker.success()  # e.g. a poll of the sidecar's state answered
+    breaker.success()  # a request probe answered
     assert breaker.state == CLOSED and breaker.cooldown == 1.0 and breaker.failures == 0
     assert opened == [1]  # one ejection counted, however many failed probes
 
@@ -433,3 +433,76 @@ def test_the_cloud_last_resort_survives_the_attempt_limit() -> None:
     assert [t.backend for t in chosen] == ["local-0", "local-1", "cloud"]
     assert tries(local) == local[:MAX_ATTEMPTS]  # no cloud: as before
     assert tries(local[:2]) == local[:2]
+
+
+def test_answering_polls_neither_clear_nor_close_what_failing_requests_did() -> None:
+    """On main a successful poll reset the failure count: 240 failed requests in 60 s with
+    the admin port answering gave 0 ejections."""
+    clock = Clock()
+    breaker = Breaker(BreakerSpec(failures=3, cooldown=1.0), clock)
+    for _ in range(3):
+        breaker.failure()
+        breaker.success(liveness=True)  # the sidecar's admin port answers in between
+    assert breaker.state == OPEN and breaker.opened_by == "requests"
+    clock.now += 5
+    breaker.success(liveness=True)
+    assert breaker.state == OPEN  # only a request probe brings it back
+    breaker.dispatched()
+    breaker.success()
+    assert breaker.state == CLOSED
+    # Unreachable (failed polls, refused connects) is liveness: a poll answering ends it.
+    for _ in range(3):
+        breaker.failure(liveness=True)
+    assert breaker.state == OPEN and breaker.opened_by == "liveness"
+    clock.now += 1
+    breaker.success(liveness=True)
+    assert breaker.state == CLOSED
+
+
+def test_probes_have_a_deadline_and_cancelled_or_429_probes_free_the_slot() -> None:
+    clock = Clock()
+    spec = BreakerSpec(failures=1, cooldown=1.0, max_cooldown=8.0, probe_timeout=5.0)
+    breaker = Breaker(spec, clock)
+    breaker.failure()
+    clock.now += 1
+    breaker.dispatched()
+    assert breaker.state == HALF_OPEN and not breaker.eligible()
+    clock.now += 5  # the probe never answered: a failure, out for twice as long
+    assert not breaker.eligible() and breaker.state == OPEN and breaker.cooldown == 2.0
+    clock.now += 2
+    breaker.dispatched()
+    breaker.released()  # the client cancelled the probe: it proved nothing
+    assert breaker.state == OPEN and breaker.eligible() and breaker.cooldown == 2.0
+    breaker.success()
+    assert breaker.state == CLOSED
+    breaker.cool_down(3.0)  # a 429 with Retry-After: 3: out for 3 s, not broken
+    assert not breaker.eligible() and breaker.failures == 0
+    clock.now += 3
+    assert breaker.eligible()
+    breaker.dispatched()
+    breaker.success()
+    assert breaker.state == CLOSED and breaker.cooldown == 1.0
+
+
+def test_what_an_answer_says_of_its_backend() -> None:
+    """A sidecar's 503 is a busy server, not a broken one; its 500 and 502 are failures; a
+    cloud's 429 keeps it out for its Retry-After without a failure."""
+    from exporter.routing.decide import Target
+    from exporter.routing.registry import Sidecar
+    from exporter.routing.upstream import judge
+
+    clock = Clock()
+    sidecar = Sidecar("s", "http://x", "http://x", None, Breaker(BreakerSpec(failures=1), clock))
+    local = Target("s", "m", sidecar=sidecar)
+    judge(local, 503, [])
+    assert sidecar.breaker.state == CLOSED
+    judge(local, 500, [])
+    assert sidecar.breaker.state == OPEN
+    spec = CloudSpec(name="c", base_url="http://127.0.0.1:9", api_key_env="NONE",
+                     models={"m": "m"})
+    cloud = Cloud(spec, Breaker(BreakerSpec(failures=1, cooldown=1.0), clock))
+    judge(Target("c", "m", cloud=cloud), 429, [(b"Retry-After", b"7")])
+    assert cloud.breaker.state == OPEN and cloud.breaker.cooldown == 7.0
+    assert cloud.breaker.failures == 0
+    clock.now += 7
+    assert cloud.breaker.eligible()  # usable again after its Retry-After

@@ -408,3 +408,71 @@ async def test_readiness_is_the_router_not_the_fleet() -> None:
         assert status in (404, 502, 503) and orjson.loads(body)["error"]
     finally:
         router.stop()
+
+
+async def test_a_backend_failing_every_request_is_ejected_though_its_admin_answers() -> None:
+    """The issue's fault test, scaled to the suite: 3 backends, one whose model server
+    answers 500 at once to every request while its sidecar's admin port stays healthy,
+    2 requests a second (20 s here; 120 s in the issue). At most 5 client-visible errors
+    (its 500s are retried elsewhere before any byte), the backend is ejected, and then gets
+    at most one probe per cooldown. On main: 240 failures in 60 s, 0 ejections."""
+    from aiohttp import web
+
+    hits: list[float] = []
+
+    async def fail(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        return web.json_response({"error": "boom"}, status=500)
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": "m1:latest", "model": "m1:latest",
+                                              "digest": "0" * 64, "details": {}}]})
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.34.4"})
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", tags)
+    app.router.add_post("/api/chat", fail)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    bad_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    good = [Simulator("--models", "m1", "--ttft", "0.005", "--tokens-per-second", "400",
+                      "--output-tokens", "4", "--seed", str(seed)) for seed in (11, 12)]
+    taps = [Llmtap(sim.url, *SIDECAR_ARGS) for sim in good]
+    bad_tap = Llmtap(bad_url, *SIDECAR_ARGS, ready=False)
+    cooldown = 2.0
+    router: Router | None = None
+    try:
+        await bad_tap.ready()
+        config = (f"poll_interval: 0.2\nbreaker: {{failures: 3, cooldown: {cooldown}, "
+                  f"max_cooldown: {cooldown}}}\nbackends:\n"
+                  + sidecar_yaml("good1", taps[0]) + sidecar_yaml("good2", taps[1])
+                  + sidecar_yaml("bad", bad_tap)
+                  + "routes:\n  - {model: '*', policy: round_robin}\n")
+        router = await asyncio.to_thread(Router, config)
+        errors = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 20:
+            status, _ = await chat(router.url, "m1", options={"num_predict": 4})
+            errors += status != 200
+            await asyncio.sleep(0.5)
+        m = await router.metrics()
+        assert errors <= 5, errors
+        assert m.value("llmtap_router_backend_ejections_total", backend="bad") >= 1
+        assert len(hits) >= 3
+        # After the ejection (the third failure), at most one probe per cooldown.
+        ejected_at = hits[2]
+        later = [t for t in hits[3:] if t > ejected_at]
+        windows = (time.monotonic() - ejected_at) / cooldown
+        assert len(later) <= windows + 1, (len(later), windows)
+    finally:
+        if router is not None:
+            router.stop()
+        for proc in (*taps, bad_tap, *good):
+            proc.stop()
+        await runner.cleanup()

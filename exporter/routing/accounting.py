@@ -18,6 +18,7 @@ from exporter.routing.classifier import LIGHT
 from exporter.routing.decide import Decision, Target
 from exporter.routing.metrics import RouterMetrics
 from exporter.routing.registry import Cloud
+from exporter.routing.upstream import judge
 from exporter.state import ewma
 
 access = structlog.get_logger("llmtap.router.access")
@@ -49,12 +50,14 @@ class RouterAccounting(Observer):
     def _settle(self, chosen: Target, record: RequestRecord, decision: Decision) -> None:
         chosen.finished()
         ttft = record.ttft if record.succeeded else None
-        broken = record.outcome in BROKEN or record.status in (502, 504) or (
-            chosen.cloud is not None and record.status >= 500)
-        if broken:
+        if record.outcome in BROKEN or record.outcome is Outcome.UPSTREAM_ERROR:
             chosen.breaker.failure()
         elif record.succeeded:
             chosen.breaker.success()
+        elif record.outcome in (Outcome.CANCELLED, Outcome.CLIENT_TIMEOUT):
+            chosen.breaker.released()  # the client left: the probe proved nothing
+        else:
+            judge(chosen, record.status, [])  # (Retry-After was the relay's to pass on)
         if ttft is not None:
             self.metrics.actual_ttft.labels(chosen.backend).observe(ttft)
             if chosen.estimate is not None and not math.isinf(chosen.estimate):

@@ -106,6 +106,7 @@ class BreakerSpec:
     failures: int = 3  # consecutive failed requests or polls that eject a backend
     cooldown: float = 5.0  # seconds ejected before a probe; doubles per failed probe
     max_cooldown: float = 60.0
+    probe_timeout: float = 30.0  # a half-open probe with no answer by then has failed
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,8 @@ def parse_config(raw: Any) -> RouterConfig:
         b = _Section(raw_breaker, "breaker")
         breaker = BreakerSpec(failures=b.count("failures", 3),
                               cooldown=b.positive("cooldown", 5.0),
-                              max_cooldown=b.positive("max_cooldown", 60.0))
+                              max_cooldown=b.positive("max_cooldown", 60.0),
+                              probe_timeout=b.positive("probe_timeout", 30.0))
         b.done()
     config = RouterConfig(
         listen=s.host_port("listen", "0.0.0.0:8080"),

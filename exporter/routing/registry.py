@@ -32,7 +32,16 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 class Breaker:
     """Closed → (N consecutive failures) → open for a cooldown → half-open: one probe; its
-    success closes the breaker, its failure reopens it for twice as long (up to a maximum)."""
+    success closes the breaker, its failure reopens it for twice as long (up to a maximum).
+
+    Request outcomes and liveness are apart: a sidecar whose admin port answers while its
+    requests fail is ejected all the same (a poll's success never clears request failures),
+    and only a request probe brings back a backend that failing answers ejected. Failed polls
+    and refused connections are liveness: a poll answering again brings that one back.
+    A probe that hangs past `probe_timeout` fails; one that is cancelled, or answered 429,
+    proves nothing and frees the probe slot. `cool_down` (a 429 with Retry-After) keeps a
+    backend out for that long without calling it broken.
+    """
 
     def __init__(self, spec: BreakerSpec, clock: Callable[[], float] = time.monotonic,
                  on_open: Callable[[], None] | None = None, name: str = "") -> None:
@@ -44,10 +53,14 @@ class Breaker:
         self.failures = 0
         self.cooldown = spec.cooldown
         self.opened_at = 0.0
+        self.opened_by = ""  # "requests" or "liveness" (polls, connects): what ejected it
+        self.probe_at = 0.0  # when the half-open probe was sent
         self.ejections = 0
 
     def eligible(self) -> bool:
-        """May a request go there now (read-only: the probe is taken by `dispatched`)?"""
+        """May a request go there now (the probe is taken by `dispatched`)?"""
+        if self.state == HALF_OPEN and self.clock() - self.probe_at >= self.spec.probe_timeout:
+            self.failure()  # the probe hung: that is an answer too
         if self.state == CLOSED:
             return True
         return self.state == OPEN and self.clock() - self.opened_at >= self.cooldown
@@ -55,8 +68,23 @@ class Breaker:
     def dispatched(self) -> None:
         if self.state == OPEN and self.clock() - self.opened_at >= self.cooldown:
             self.state = HALF_OPEN  # this request is the probe; others wait for its outcome
+            self.probe_at = self.clock()
 
-    def success(self) -> None:
+    def released(self) -> None:
+        """The probe ended without telling (cancelled, a 429): the next request probes."""
+        if self.state == HALF_OPEN:
+            self.state = OPEN
+
+    def cool_down(self, seconds: float) -> None:
+        """Out for `seconds` (a 429's Retry-After), not broken: no failure, no doubling."""
+        self.state = OPEN
+        self.opened_at = self.clock()
+        self.cooldown = max(0.0, min(seconds, self.spec.max_cooldown))
+        self.opened_by = self.opened_by or "requests"
+
+    def success(self, liveness: bool = False) -> None:
+        if liveness and (self.state == CLOSED or self.opened_by != "liveness"):
+            return  # liveness says nothing about requests: it neither clears nor closes
         if self.state == OPEN and self.clock() - self.opened_at < self.cooldown:
             return  # too early to trust it again
         if self.state != CLOSED:
@@ -65,22 +93,25 @@ class Breaker:
         self.state = CLOSED
         self.failures = 0
         self.cooldown = self.spec.cooldown
+        self.opened_by = ""
 
-    def failure(self) -> None:
+    def failure(self, liveness: bool = False) -> None:
         if self.state == HALF_OPEN or (self.state == OPEN and self.eligible()):
             self.cooldown = min(self.cooldown * 2, self.spec.max_cooldown)
-            self._open()
+            self._open("liveness" if liveness else "requests")
             return
         if self.state == OPEN:
             return
         self.failures += 1
         if self.failures >= self.spec.failures:
-            self._open()
+            self._open("liveness" if liveness else "requests")
 
-    def _open(self) -> None:
+    def _open(self, by: str) -> None:
         first = self.state == CLOSED
         self.state = OPEN
         self.opened_at = self.clock()
+        if first or self.opened_by == "liveness":
+            self.opened_by = by
         if first:
             self.ejections += 1
             if self.on_open is not None:
@@ -369,12 +400,13 @@ class Registry:
             sidecar.poll_failures += 1
             if sidecar.poll_failures == 1:
                 log.warning("cannot read sidecar state", backend=sidecar.name, error=str(exc))
-            sidecar.breaker.failure()
+            sidecar.breaker.failure(liveness=True)
             return False
         sidecar.polled(state, time.monotonic())
-        # The poll is the breaker's probe: a sidecar that answers is back, once its cooldown
-        # is over (a sidecar whose model server is down stays ineligible via upstream_up).
-        sidecar.breaker.success()
+        # A sidecar that went unreachable is back when it answers again, once its cooldown
+        # is over; one that failing answers ejected waits for a request probe (its admin
+        # port answering says nothing of its requests).
+        sidecar.breaker.success(liveness=True)
         return True
 
     async def _poll_loop(self, sidecar: Sidecar) -> None:

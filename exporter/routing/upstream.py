@@ -42,6 +42,29 @@ def residency_local(value: bytes) -> bool | None:
     return False if all(token == b"any" for token in tokens) else None
 
 
+def judge(target: Target, status: int, headers: Headers) -> None:
+    """What an answer's status says of its backend, for its breaker: a 5xx is a failure
+    (a 503 from a sidecar is a busy server, not a broken one); a cloud's 429 keeps it out
+    for its Retry-After (or one cooldown) without calling it broken."""
+    breaker = target.breaker
+    if status == 429 and target.cloud is not None:
+        breaker.cool_down(_retry_after(headers, breaker.spec.cooldown))
+    elif status >= 500 and not (status == 503 and target.cloud is None):
+        breaker.failure()
+    elif status < 500:
+        breaker.released()  # a probe answered by the client's own error proves little
+
+
+def _retry_after(headers: Headers, default: float) -> float:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return default  # an HTTP date: one cooldown is close enough
+    return default
+
+
 def tries(targets: list[Target]) -> list[Target]:
     """At most MAX_ATTEMPTS targets, keeping a cloud last resort that the limit would cut:
     with three local backends or more it was never reached."""
@@ -124,7 +147,7 @@ class RoutedUpstream:
                 response = await self._send(target, exchange, parsed)
             except UpstreamConnectError as exc:
                 target.finished()
-                target.breaker.failure()
+                target.breaker.failure(liveness=True)  # unreachable, like a failed poll
                 failure = exc
                 decision.tried.append(target.backend)
                 if not last:
@@ -133,12 +156,11 @@ class RoutedUpstream:
             except BaseException:  # reset (it may have reached the backend), cancelled
                 target.finished()
                 raise
-            if self._busy(target, response) and not last:
+            if self._retryable(target, response) and not last:
                 # Nothing of this answer was relayed: the next backend gets the request.
                 response.abandon()
                 target.finished()
-                if target.cloud is not None and response.status != 429:
-                    target.breaker.failure()
+                judge(target, response.status, response.headers)
                 decision.tried.append(target.backend)
                 self.metrics.retries.labels(target.backend, "busy").inc()
                 continue
@@ -148,9 +170,11 @@ class RoutedUpstream:
         raise failure
 
     @staticmethod
-    def _busy(target: Target, response: UpstreamResponse) -> bool:
+    def _retryable(target: Target, response: UpstreamResponse) -> bool:
+        """Safe to send elsewhere, before any byte: busy (503; a cloud's 429), or failing
+        (5xx: a sidecar's 502 says its model server cannot be reached)."""
         status = response.status
-        return status == 503 or (target.cloud is not None and (status == 429 or status >= 500))
+        return status >= 500 or (target.cloud is not None and status == 429)
 
     def _origin(self, url: str) -> Origin:
         origin = self._origins.get(url)
