@@ -273,20 +273,24 @@ async def test_simulator_frames_have_the_real_ollamas_shapes(ollama: Ollama, sim
     cases: list[tuple[str, dict[str, Any]]] = [
         ("/api/chat", {"messages": messages, "options": {"num_predict": 4}}),
         ("/api/chat", {"messages": messages, "stream": False, "options": {"num_predict": 4}}),
-        ("/api/generate", {"prompt": "Hi", "options": {"num_predict": 4}}),
-        ("/api/generate", {"prompt": "Hi", "stream": False, "options": {"num_predict": 4}}),
+        ("/api/generate", {"prompt": "Once upon a time", "options": {"num_predict": 4}}),
+        ("/api/generate", {"prompt": "Once upon a time", "stream": False,
+                           "options": {"num_predict": 4}}),
         ("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "stream": True}),
         ("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "stream": True,
                                   "stream_options": {"include_usage": True}}),
         ("/v1/chat/completions", {"messages": messages, "max_tokens": 4}),
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stream": True}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4, "stream": True}),
     ]
     for path, body in cases:
         real = await frames(ollama.url, path, {"model": MODEL, **body})
         simulated = await frames(sim.url, path, {"model": "sim-small", **body})
-        ends = slice(1, 3), slice(-3, None)
-        for part in ends:
+        # The first frame and the last two (the finish, and the usage or the end marker):
+        # how many content frames come between depends on what the model says.
+        for part in (slice(1, 2), slice(-2, None)):
             assert simulated[part] == real[part], (path, body, part)
+        if len(real) > 4 and len(simulated) > 4:  # a middle content frame on both sides
+            assert simulated[2] == real[2], (path, body, "second frame")
         assert simulated[0] == real[0], (path, "Content-Type")
     # The inventory and the loaded list: one entry's keys, order and types.
     await post(sim.url, "/api/generate", {"model": "sim-small", "prompt": "Hi",

@@ -29,7 +29,8 @@ _JSONDecodeError = orjson.JSONDecodeError
 
 
 class Framer(Protocol):
-    unparseable: int
+    @property
+    def unparseable(self) -> int: ...
 
     def feed(self, data: bytes) -> None: ...
 
@@ -246,11 +247,15 @@ STREAM_MEDIA = {"text/event-stream": SSEFramer, "application/x-ndjson": NDJSONFr
                 "application/jsonl": NDJSONFramer, "application/jsonlines": NDJSONFramer}
 
 
-def framer_for(content_type: str, on_value: OnValue) -> tuple[Framer | None, bool | None]:
+def framer_for(content_type: str, on_value: OnValue, on_done: Callable[[], None] | None = None
+               ) -> tuple[Framer | None, bool | None]:
     """The framing for a response's media type, and whether it is a stream; (None, None)
-    when it is not a media type llmtap parses (an HTML error page, say)."""
+    when it is not a media type llmtap parses (an HTML error page, say). `on_done` is told
+    of an SSE stream's `[DONE]`."""
     media = content_type.partition(";")[0].strip().lower()
     streamed = STREAM_MEDIA.get(media)
+    if streamed is SSEFramer:
+        return SSEFramer(on_value, on_done), True
     if streamed is not None:
         return streamed(on_value), True
     if media == "application/json" or media.endswith("+json"):

@@ -18,14 +18,15 @@ CUT_SHORT = ("chat", "text_completion")  # operations whose streams end with a f
 
 
 class ResponseObserver:
-    __slots__ = ("_events", "_framer", "_last", "_named", "_record")
+    __slots__ = ("_done", "_events", "_framer", "_last", "_named", "_record")
 
     def __init__(self, endpoint: Endpoint, record: RequestRecord, content_type: str) -> None:
         self._record = record
         self._events = endpoint.events
         self._named = False  # the answer's model and id are noted once, from its first frame
         self._last = 0.0  # when the latest chunk was relayed
-        framer, streamed = framer_for(content_type, self._value)
+        self._done = False  # an SSE stream's [DONE] came
+        framer, streamed = framer_for(content_type, self._value, self._terminated)
         self._framer: Framer | None = framer
         if framer is not None:
             record.stream = streamed
@@ -49,15 +50,19 @@ class ResponseObserver:
         waiting = record.first_token is None
         if complete:
             framer.close()
-            if record.stream and not record.finish_reasons and record.operation in CUT_SHORT \
-                    and record.outcome is Outcome.ANSWERED and record.status == 200:
-                # A generation stream whose HTTP body ended cleanly without its last frame:
-                # Ollama's /v1 layer does this when the model's runner dies (no finish chunk,
-                # no [DONE]). It was not answered.
+            if record.stream and not (record.finish_reasons or self._done) and \
+                    record.operation in CUT_SHORT and record.outcome is Outcome.ANSWERED \
+                    and record.status == 200:
+                # A generation stream whose HTTP body ended cleanly without its end (no
+                # finish reason, no [DONE], no done line): Ollama's /v1 layer does this when
+                # the model's runner dies. It was not answered.
                 apply(record, UPSTREAM_ERROR, self._last)
         record.unparseable += framer.unparseable
         self._framer = None
         return waiting and self._record.first_token is not None
+
+    def _terminated(self) -> None:
+        self._done = True
 
     def _value(self, value: Any) -> None:
         record, now = self._record, self._last
