@@ -68,6 +68,7 @@ def queries() -> list[tuple[str, str, str, str]]:
 
 def router_over(sim: Simulator, sim_tap: Llmtap) -> LlmtapRouter:
     return LlmtapRouter(
+        "allow_unauthenticated_cloud: true\n"
         f"backends: [{{name: local, proxy_url: '{sim_tap.url}', admin_url: '{sim_tap.admin}'}}]\n"
         f"cloud: [{{name: cloud, base_url: '{sim.url}/v1', api_key_env: DASH_CLOUD_KEY,\n"
         "          models: {auto-heavy: sim-large}, price_per_input_token: 0.000001,\n"

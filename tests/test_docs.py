@@ -148,6 +148,7 @@ def _router_metrics(sim: Simulator, sim_tap: Llmtap) -> str:
     import urllib.request
 
     config = (
+        "allow_unauthenticated_cloud: true\n"
         f"backends: [{{name: local, proxy_url: '{sim_tap.url}', admin_url: '{sim_tap.admin}'}}]\n"
         f"cloud: [{{name: cloud, base_url: '{sim.url}/v1', api_key_env: DOCS_CLOUD_KEY,\n"
         "          models: {auto-heavy: sim-large}, budget: 100}]\n"

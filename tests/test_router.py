@@ -20,6 +20,7 @@ from exporter.routing.translate import OllamaFromOpenAI, ollama_to_openai
 EXAMPLE = """
 listen: 0.0.0.0:8080
 admin_listen: 0.0.0.0:9465
+api_key_file: /etc/llmtap/router-keys
 poll_interval: 0.5
 backends:
   - name: local-a
@@ -297,6 +298,7 @@ async def test_dns_discovery_with_the_event_loops_resolver() -> None:
 
 
 ROUTER = """
+allow_unauthenticated_cloud: true
 backends:
   - {name: a, proxy_url: "http://a:1", admin_url: "http://a:2"}
   - {name: b, proxy_url: "http://b:1", admin_url: "http://b:2"}
@@ -506,3 +508,18 @@ def test_what_an_answer_says_of_its_backend() -> None:
     assert cloud.breaker.failures == 0
     clock.now += 7
     assert cloud.breaker.eligible()  # usable again after its Retry-After
+
+
+def test_a_cloud_without_client_keys_is_refused_unless_meant() -> None:
+    """Anyone who can reach a keyless router could spend its cloud budget."""
+    import yaml
+
+    raw = yaml.safe_load(ROUTER)
+    del raw["allow_unauthenticated_cloud"]
+    with pytest.raises(ConfigError, match="allow_unauthenticated_cloud"):
+        parse_config(raw)
+    assert parse_config({**raw, "api_key_file": "/etc/keys"}).api_key_file == "/etc/keys"
+    assert parse_config({**raw, "allow_unauthenticated_cloud": True}).cloud
+    del raw["cloud"]
+    raw["routes"] = []
+    assert not parse_config(raw).api_key_file  # no cloud: keys are the operator's choice

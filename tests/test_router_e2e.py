@@ -11,6 +11,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -271,7 +272,8 @@ def hybrid() -> Iterator[dict[str, Any]]:
                       "--output-tokens", "5", "--parallel", "16", "--seed", "6")
     tap = Llmtap(local.url, *SIDECAR_ARGS)
     config = (
-        "poll_interval: 0.2\nbackends:\n" + sidecar_yaml("local", tap)
+        "poll_interval: 0.2\nallow_unauthenticated_cloud: true\nbackends:\n"
+        + sidecar_yaml("local", tap)
         + "cloud:\n"
           f"  - {{name: fakecloud, base_url: '{cloud.url}/v1', api_key_env: FAKE_CLOUD_KEY,\n"
           "     models: {auto-heavy: gpt-fake}, price_per_input_token: 0.001,\n"
@@ -476,3 +478,36 @@ async def test_a_backend_failing_every_request_is_ejected_though_its_admin_answe
         for proc in (*taps, bad_tap, *good):
             proc.stop()
         await runner.cleanup()
+
+
+async def test_the_front_door_is_locked(tmp_path: Path) -> None:
+    """With api_key_file, a request without a valid key gets a 401 in its dialect and
+    reaches no backend: the cloud budget is not spent. With one, it is served."""
+    from exporter.auth import key_file_line, new_key
+
+    key = new_key()
+    keys = tmp_path / "keys"
+    keys.write_text(key_file_line("app", key) + "\n")
+    local = Simulator("--models", "m1", "--ttft", "0.01", "--output-tokens", "3")
+    cloud = Simulator("--models", "gpt-fake", "--ttft", "0.01", "--output-tokens", "3")
+    tap = Llmtap(local.url, *SIDECAR_ARGS)
+    config = (f"api_key_file: {keys}\npoll_interval: 0.2\nbackends:\n"
+              + sidecar_yaml("local", tap)
+              + f"cloud:\n  - {{name: fakecloud, base_url: '{cloud.url}/v1', "
+                "api_key_env: FAKE_CLOUD_KEY,\n     models: {heavy-model: gpt-fake}, "
+                "price_per_input_token: 0.001, budget: 1}\n")
+    router = Router(config, env={"FAKE_CLOUD_KEY": "sk-fake"})
+    with processes(local, cloud, tap, router):
+        for model, path in (("heavy-model", "/v1/chat/completions"), ("m1", "/api/chat")):
+            status, body = await chat(router.url, model, path=path)
+            assert status == 401, (model, body)
+            status, _ = await chat(router.url, model, path=path,
+                                   headers={"Authorization": "Bearer wrong"})
+            assert status == 401
+        assert cloud.stats()["started"] == 0 and local.stats()["started"] == 0
+        m = await router.metrics()
+        assert m.value("llmtap_router_cloud_cost_total", backend="fakecloud") == 0
+        assert m.value("llmtap_auth_rejected_total") == 4
+        status, _ = await chat(router.url, "heavy-model", path="/v1/chat/completions",
+                               headers={"Authorization": f"Bearer {key}"})
+        assert status == 200 and cloud.stats()["started"] == 1

@@ -128,6 +128,11 @@ class RouterConfig:
     access_log: bool = True
     log_level: str = "info"
     log_format: str = "json"
+    # Client keys, in the sidecar's key-file format (exporter/auth.py); "" : none.
+    api_key_file: str = ""
+    # Without keys, a router with a cloud backend lets anyone who can reach it spend the
+    # cloud budget: it refuses to start unless this says that is meant.
+    allow_unauthenticated_cloud: bool = False
 
     def route_for(self, model: str) -> RouteSpec:
         """Exact names win over globs; globs are tried in file order; nothing: the default."""
@@ -339,10 +344,17 @@ def parse_config(raw: Any) -> RouterConfig:
         idle_timeout=s.positive("idle_timeout", 300.0),
         access_log=s.get("access_log", bool, True),
         log_level=s.choice("log_level", LOG_LEVELS, "info"),
-        log_format=s.choice("log_format", LOG_FORMATS, "json"))
+        log_format=s.choice("log_format", LOG_FORMATS, "json"),
+        api_key_file=s.get("api_key_file", str, ""),
+        allow_unauthenticated_cloud=s.get("allow_unauthenticated_cloud", bool, False))
     s.done()
     if not backends and not dns and not clouds:
         raise ConfigError("backends: at least one backend (or cloud) is required")
+    if clouds and not config.api_key_file and not config.allow_unauthenticated_cloud:
+        raise ConfigError(
+            "cloud: without api_key_file anyone who can reach the router can spend the cloud "
+            "budget; set api_key_file (the sidecar's key-file format), or "
+            "allow_unauthenticated_cloud: true if that is what you mean")
     return config
 
 

@@ -16,10 +16,11 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from exporter import __version__, runtime
-from exporter.config import HostPort
+from exporter.auth import ApiKeys
+from exporter.config import HostPort, is_loopback_host
 from exporter.events import RequestInfo
 from exporter.models import ModelLabels
 from exporter.protocols import Endpoint
@@ -63,13 +64,29 @@ class Router:
         self.tracing = Tracing(self.registry) if tracing_configured() else None
         pool = UpstreamPool(config.connect_timeout, on_retry=self.request_metrics.retries.inc)
         upstream = RoutedUpstream(self.decider, pool, self.metrics, self.model_names)
-        self.proxy = Proxy(upstream, self.labels, Admission(), self._observers(),
+        self.proxy = Proxy(upstream, self.labels, self._admission(), self._observers(),
                            ProxySettings(first_byte_timeout=config.first_byte_timeout,
                                          idle_timeout=config.idle_timeout))
         self._admin: web.AppRunner | None = None
         self.draining = False
         self.listen_address: HostPort | None = None
         self.admin_address: HostPort | None = None
+
+    def _admission(self) -> Admission:
+        """Client keys, as the sidecar checks them (and strips them before forwarding)."""
+        from exporter.server import StartupError
+
+        if not self.config.api_key_file:
+            self.keys = None
+            return Admission()
+        try:
+            self.keys = ApiKeys.load(self.config.api_key_file)
+        except ValueError as exc:
+            raise StartupError(f"api_key_file: {exc}") from None
+        rejected = Counter("llmtap_auth_rejected",
+                           "Requests refused for a missing or wrong API key",
+                           registry=self.registry)
+        return Admission(keys=self.keys, on_rejected=rejected.inc)
 
     def _observers(self) -> Observers:
         observers: list[Observer] = [self.live]
@@ -96,6 +113,9 @@ class Router:
         log.info("llmtap router serving", listen=str(self.listen_address),
                  admin=str(self.admin_address), sidecars=sorted(self.backends.sidecars),
                  cloud=sorted(self.backends.clouds))
+        if self.keys is None and not is_loopback_host(listen.host):
+            log.warning(f"the router port {self.listen_address} is open to anyone who can "
+                        "reach it: no API keys are configured (api_key_file)")
         for cloud in self.backends.clouds.values():
             if not cloud.spec.api_key:
                 log.warning("cloud backend has no API key: it will not be used",
