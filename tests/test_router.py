@@ -381,9 +381,15 @@ def test_unknown_models_and_dialects_are_refused_or_filtered(
     unknown = _decide(router, "nope")
     assert unknown.targets == [] and unknown.reason == "no_backend"
     assert _decide(router, "small").targets[0].backend == "a"  # llama-server: no Ollama API
-    openai = router.decide("/v1/chat/completions", endpoint_for("POST", "/v1/chat/completions"),
-                           RequestInfo(model="anything"), {"model": "anything"}, False)
-    assert [t.backend for t in openai.targets] == ["b"]  # serves its one model by any name
+    def openai(model: str) -> list[str]:
+        decision = router.decide("/v1/chat/completions",
+                                 endpoint_for("POST", "/v1/chat/completions"),
+                                 RequestInfo(model=model), {"model": model}, False)
+        return [t.backend for t in decision.targets]
+
+    # llama-server would answer any name with its one model: it gets only its own.
+    assert openai("anything") == []
+    assert openai("smol") == ["b"]
 
 
 def test_sidecar_state_publishes_cold_load_time() -> None:
@@ -523,3 +529,23 @@ def test_a_cloud_without_client_keys_is_refused_unless_meant() -> None:
     del raw["cloud"]
     raw["routes"] = []
     assert not parse_config(raw).api_key_file  # no cloud: keys are the operator's choice
+
+
+def test_a_llama_server_gets_only_the_models_it_serves() -> None:
+    """llama-server answers any model name with its own: on main `qwen2.5:7b` was ranked
+    first to a llama-server serving phi-3, and the cloud alias `gpt-4o-mini` went to it."""
+    from exporter.routing.registry import Sidecar
+
+    sidecar = Sidecar("l", "http://l:1", "http://l:2", None, Breaker(BreakerSpec()))
+    sidecar.aliases = frozenset({"phi"})
+    sidecar.polled({"upstream": {"kind": "llama.cpp", "up": True,
+                                 "models": ["/models/phi-3-mini.gguf"]},
+                    "models": {}}, time.monotonic())
+    has = {model: sidecar.entry(model)[1] for model in
+           ("qwen2.5:7b", "gpt-4o-mini", "phi-3-mini", "/models/phi-3-mini.gguf", "phi", "")}
+    assert has == {"qwen2.5:7b": False, "gpt-4o-mini": False, "phi-3-mini": True,
+                   "/models/phi-3-mini.gguf": True, "phi": True, "": True}
+    config = _config(EXAMPLE.replace("    admin_url: http://ollama-a:9464\n",
+                                     "    admin_url: http://ollama-a:9464\n"
+                                     "    aliases: [phi, small]\n"))
+    assert config.backends[0].aliases == ("phi", "small")

@@ -39,6 +39,9 @@ class SidecarSpec:
     proxy_url: str
     admin_url: str
     parallel: int | None = None  # requests its server runs at once per model; None: ask it
+    # Other names its llama-server answers to: llama-server serves its one model whatever
+    # name a request gives, so the router sends it only its own name(s) and these.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,8 @@ def _backend(raw: Any, where: str) -> SidecarSpec | DnsSpec:
     else:
         spec = SidecarSpec(name=s.get("name", str, required=True),
                            proxy_url=s.url("proxy_url"), admin_url=s.url("admin_url"),
-                           parallel=s.count("parallel", None))
+                           parallel=s.count("parallel", None),
+                           aliases=tuple(s.get("aliases", list, [])))
     s.done()
     return spec
 

@@ -118,6 +118,11 @@ class Breaker:
                 self.on_open()
 
 
+def _stem(name: str) -> str:
+    """llama-server's id for a model file is its path: /models/phi-3.gguf answers to phi-3."""
+    return name.rpartition("/")[2].removesuffix(".gguf")
+
+
 def _lookup(models: dict[str, Any], name: str) -> dict[str, Any] | None:
     entry = models.get(name)
     if entry is None and name:
@@ -140,6 +145,7 @@ class Sidecar:
         self.admin_url = admin_url.rstrip("/")
         self.parallel = parallel
         self.breaker = breaker
+        self.aliases: frozenset[str] = frozenset()  # other names a llama-server answers to
         self.state: dict[str, Any] | None = None
         self.polled_at: float | None = None  # monotonic time of the last good poll
         self.poll_failures = 0
@@ -168,10 +174,12 @@ class Sidecar:
         """The sidecar's state for `model` and whether its server has it (None: unknown)."""
         models = (self.state or {}).get("models") or {}
         if self.kind == "llama.cpp":
-            # llama-server serves its one model whatever name a request gives.
+            # llama-server answers any model name with its own model: it gets only requests
+            # that name no model (its native API), or its own name(s), or a configured alias.
             served = self.models()
-            entry = _lookup(models, served[0]) if len(served) == 1 else None
-            return entry, True
+            entry = _lookup(models, served[0] if len(served) == 1 else model)
+            return entry, not model or model in self.aliases or any(
+                model in (name, _stem(name)) for name in served)
         entry = _lookup(models, model)
         inventory = ((self.state or {}).get("upstream") or {}).get("models")
         if entry is not None and entry.get("installed") is not None:
@@ -342,7 +350,8 @@ class Registry:
         self._session: aiohttp.ClientSession | None = None
         self._known_models: frozenset[str] = frozenset()
         for spec in config.backends:
-            self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel)
+            self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel).aliases = \
+                frozenset(str(alias) for alias in spec.aliases)
         for cloud in config.cloud:
             self.clouds[cloud.name] = Cloud(cloud, self._breaker(cloud.name))
             on_added(cloud.name)
