@@ -511,3 +511,52 @@ async def test_the_front_door_is_locked(tmp_path: Path) -> None:
         status, _ = await chat(router.url, "heavy-model", path="/v1/chat/completions",
                                headers={"Authorization": f"Bearer {key}"})
         assert status == 200 and cloud.stats()["started"] == 1
+
+
+async def test_a_hung_backend_fails_over_within_the_attempt_timeout() -> None:
+    """first_byte_timeout (600 s) covered the whole chain of attempts, so a hung backend
+    never failed over. Each attempt now has attempt_timeout to its answer's head."""
+    from aiohttp import web
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.34.4"})
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": "m1:latest", "model": "m1:latest",
+                                              "digest": "0" * 64, "details": {}}]})
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", tags)
+    app.router.add_post("/api/chat", hang)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)  # the hung handler is not waited for
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hung_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    good = Simulator("--models", "m1", "--ttft", "0.005", "--output-tokens", "3")
+    good_tap = Llmtap(good.url, *SIDECAR_ARGS)
+    hung_tap = Llmtap(hung_url, *SIDECAR_ARGS, ready=False)
+    router: Router | None = None
+    try:
+        await hung_tap.ready()
+        config = ("poll_interval: 0.2\nattempt_timeout: 0.5\nbackends:\n"
+                  + sidecar_yaml("hung", hung_tap) + sidecar_yaml("good", good_tap)
+                  + "routes:\n  - {model: '*', policy: round_robin}\n")
+        router = await asyncio.to_thread(Router, config)
+        for _ in range(4):
+            started = time.monotonic()
+            status, _ = await chat(router.url, "m1", options={"num_predict": 3})
+            assert status == 200 and time.monotonic() - started < 5
+        m = await router.metrics()
+        assert m.value("llmtap_router_retries_total", backend="hung", reason="timeout") >= 1
+    finally:
+        if router is not None:
+            router.stop()
+        for proc in (good_tap, hung_tap, good):
+            proc.stop()
+        await runner.cleanup()

@@ -53,6 +53,7 @@ OUTCOMES: dict[type[BaseException], Outcome] = {
     UpstreamConnectError: Outcome.UPSTREAM_CONNECT,
     UpstreamResetError: Outcome.UPSTREAM_RESET,
     asyncio.CancelledError: Outcome.CANCELLED,
+    TimeoutError: Outcome.TIMEOUT,  # an upstream's own deadline (the router's attempts)
     InternalError: Outcome.INTERNAL,
 }
 

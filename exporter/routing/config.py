@@ -127,6 +127,9 @@ class RouterConfig:
     expected_output_tokens: int = 256
     connect_timeout: float = 5.0
     first_byte_timeout: float = 600.0
+    # One backend's time to its answer's head, before the router tries the next: a hung
+    # backend fails over instead of holding the request for the whole first_byte_timeout.
+    attempt_timeout: float = 120.0
     idle_timeout: float = 300.0
     access_log: bool = True
     log_level: str = "info"
@@ -345,6 +348,7 @@ def parse_config(raw: Any) -> RouterConfig:
         expected_output_tokens=s.count("expected_output_tokens", 256),
         connect_timeout=s.positive("connect_timeout", 5.0),
         first_byte_timeout=s.positive("first_byte_timeout", 600.0),
+        attempt_timeout=s.positive("attempt_timeout", 120.0),
         idle_timeout=s.positive("idle_timeout", 300.0),
         access_log=s.get("access_log", bool, True),
         log_level=s.choice("log_level", LOG_LEVELS, "info"),

@@ -80,7 +80,7 @@ class RouterMetrics:
         self.retries = Counter(
             "llmtap_router_retries",
             "Requests re-sent to the next-best backend before any byte reached the client, by "
-            "the backend that failed and why (connect, busy)", ("backend", "reason"),
+            "the backend that failed and why (connect, busy, timeout)", ("backend", "reason"),
             registry=registry)
         self.estimated_ttft = Histogram(
             "llmtap_router_estimated_ttft_seconds",

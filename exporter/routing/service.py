@@ -63,7 +63,8 @@ class Router:
         self.request_metrics = RequestMetrics(self.registry, self.live)
         self.tracing = Tracing(self.registry) if tracing_configured() else None
         pool = UpstreamPool(config.connect_timeout, on_retry=self.request_metrics.retries.inc)
-        upstream = RoutedUpstream(self.decider, pool, self.metrics, self.model_names)
+        upstream = RoutedUpstream(self.decider, pool, self.metrics, self.model_names,
+                                  config.attempt_timeout)
         self.proxy = Proxy(upstream, self.labels, self._admission(), self._observers(),
                            ProxySettings(first_byte_timeout=config.first_byte_timeout,
                                          idle_timeout=config.idle_timeout))

@@ -9,6 +9,7 @@ answered by the router itself, through the same exchange.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,8 @@ class RoutedUpstream:
     kind: str | None = None  # many servers behind it: the provider label is the dialect's
 
     def __init__(self, decider: Decider, pool: UpstreamPool, metrics: RouterMetrics,
-                 model_names: Callable[[], list[str]]) -> None:
+                 model_names: Callable[[], list[str]], attempt_timeout: float = 120.0) -> None:
+        self.attempt_timeout = attempt_timeout
         self.decider = decider
         self.pool = pool
         self.metrics = metrics
@@ -144,7 +146,8 @@ class RoutedUpstream:
             # the requests this router has already sent there.
             target.started()
             try:
-                response = await self._send(target, exchange, parsed)
+                response = await asyncio.wait_for(self._send(target, exchange, parsed),
+                                                  None if last else self.attempt_timeout)
             except UpstreamConnectError as exc:
                 target.finished()
                 target.breaker.failure(liveness=True)  # unreachable, like a failed poll
@@ -152,6 +155,15 @@ class RoutedUpstream:
                 decision.tried.append(target.backend)
                 if not last:
                     self.metrics.retries.labels(target.backend, "connect").inc()
+                continue
+            except TimeoutError:
+                # No answer's head within attempt_timeout: hung, or loading for too long.
+                # Its connection is closed (its sidecar cancels the work); the next one gets
+                # the request. The last attempt keeps the exchange's own first-byte deadline.
+                target.finished()
+                target.breaker.failure()
+                decision.tried.append(target.backend)
+                self.metrics.retries.labels(target.backend, "timeout").inc()
                 continue
             except BaseException:  # reset (it may have reached the backend), cancelled
                 target.finished()
@@ -166,7 +178,8 @@ class RoutedUpstream:
                 continue
             decision.chosen = target
             return response
-        assert failure is not None
+        if failure is None:  # attempts timed out, and the body cannot be sent again
+            raise TimeoutError("no backend answered within attempt_timeout")
         raise failure
 
     @staticmethod
