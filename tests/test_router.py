@@ -549,3 +549,63 @@ def test_a_llama_server_gets_only_the_models_it_serves() -> None:
                                      "    admin_url: http://ollama-a:9464\n"
                                      "    aliases: [phi, small]\n"))
     assert config.backends[0].aliases == ("phi", "small")
+
+
+def test_no_local_only_request_ever_reaches_a_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A property over random residency headers, routes, prompts and fleet states (backends
+    up, down, stale or ejected, any load; the cloud keyed or not, spent or not, failing or
+    not): whatever the router decides, a request that is local-only (by its header or its
+    route) has no cloud among its targets, nor among the attempts made of them."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from exporter.routing.service import Router
+    from exporter.routing.upstream import residency_local, tries
+
+    monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
+    router = Router(_config(ROUTER))
+    cloud = router.backends.clouds["cloud"]
+    token = st.sampled_from([b"local", b"LOCAL", b"any", b"Any", b"strict", b"eu", b"",
+                             b"local;strict", b"  "])
+    header = st.lists(token, max_size=4).map(b", ".join)
+    fleet = st.tuples(st.sampled_from(["up", "down", "stale", "ejected", "never"]),
+                      st.integers(0, 60), st.floats(0.001, 30))
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(header, st.sampled_from(["auto", "private", "auto-heavy", "small", "big", "x"]),
+           st.sampled_from(["hi", "Prove step by step that 97 is prime", "x" * 9000]),
+           fleet, fleet, st.booleans(), st.booleans(), st.booleans())
+    def decide(value: bytes, model: str, text: str, a: tuple[str, int, float],
+               b: tuple[str, int, float], keyed: bool, spent: bool, failing: bool) -> None:
+        local = residency_local(value)
+        if local is None:
+            return  # a 400 before any decision
+        now = time.monotonic()
+        for name, (health, waiting, ttft) in (("a", a), ("b", b)):
+            sidecar = router.backends.sidecars[name]
+            sidecar.breaker = Breaker(BreakerSpec())
+            sidecar.state, sidecar.polled_at = None, None
+            if health != "never":
+                state = _state(waiting, ttft=ttft)
+                state["upstream"]["up"] = health != "down"
+                sidecar.polled(state, now - (60 if health == "stale" else 0))
+            if health == "ejected":
+                for _ in range(3):
+                    sidecar.breaker.failure()
+        monkeypatch.setenv("ROUTER_TEST_KEY", "sk" if keyed else "")
+        cloud.breaker = Breaker(BreakerSpec())
+        if failing:
+            for _ in range(3):
+                cloud.breaker.failure()
+        if spent:
+            monkeypatch.setattr(cloud, "budget_left", lambda: 0.0)
+        else:
+            monkeypatch.setattr(cloud, "budget_left", lambda: None)
+        decision = _decide(router, model, text, local)
+        local_only = local or model == "private"
+        assert decision.local_only == local_only
+        if local_only:
+            assert all(t.cloud is None for t in decision.targets), (value, model, decision)
+            assert all(t.cloud is None for t in tries(decision.targets))
+
+    decide()
