@@ -23,6 +23,7 @@ from exporter.relay.proxy import Proxy, ProxySettings
 from exporter.relay.server import raise_fd_limit
 from exporter.relay.upstream import SingleUpstream
 from exporter.state import LiveState
+from exporter.telemetry.keys import KeyUsage
 from exporter.telemetry.logs import AccessLog
 from exporter.telemetry.metrics import RequestMetrics
 from exporter.telemetry.tracing import Tracing, TracingObserver, tracing_configured
@@ -105,6 +106,8 @@ class Sidecar:
             observers.append(TracingObserver(self.tracing, upstream.origin.host,
                                              upstream.origin.port))
         observers.append(self.metrics)
+        if self.keys is not None:
+            observers.append(KeyUsage(self.registry))
         self.access_log = AccessLog() if self.settings.access_log else None
         if self.access_log is not None:
             observers.append(self.access_log)

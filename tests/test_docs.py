@@ -101,9 +101,11 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
     catalogued = catalogued_names()
     # Exported only with a configuration these sidecars do not have; tests/test_upstream.py
     # shows each: the KV cache gauge in front of vLLM, the mismatch gauge with --pin; the
-    # sleeping gauge in front of llama.cpp's router (tests/test_llamacpp_router.py).
+    # sleeping gauge in front of llama.cpp's router (tests/test_llamacpp_router.py); the
+    # per-key counters with API keys (tests/test_hardening.py).
     conditional = {"llmtap_upstream_kv_cache_usage_ratio", "llmtap_model_digest_mismatch",
-                   "llmtap_model_sleeping"}
+                   "llmtap_model_sleeping", "llmtap_key_requests_total",
+                   "llmtap_key_tokens_total"}
     missing = {name for name in catalogued - conditional - labels
                if name not in exported and name.removesuffix("_total") not in exported}
     assert not missing, f"catalogued but never exported: {sorted(missing)}"

@@ -73,6 +73,15 @@ async def test_api_keys_gate_the_proxy_port(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert [line["key"] for line in lines] == ["alice", "bob"]
+        # Chargeback: requests and tokens per named key, the names from the file only.
+        for line in lines:
+            name = line["key"]
+            assert m.value("llmtap_key_requests_total", key=name, error_type="") == 1
+            assert m.value("llmtap_key_tokens_total", key=name,
+                           gen_ai_token_type="output") == line["tokens_out"]
+            assert m.value("llmtap_key_tokens_total", key=name,
+                           gen_ai_token_type="input") == line["tokens_in"]
+        assert m.label_values("llmtap_key_requests_total", "key") == {"alice", "bob"}
         text = tap.log.read_text()
         assert alice not in text and bob not in text
         state = orjson.dumps(tap.state()).decode()

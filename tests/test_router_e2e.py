@@ -511,6 +511,9 @@ async def test_the_front_door_is_locked(tmp_path: Path) -> None:
         status, _ = await chat(router.url, "heavy-model", path="/v1/chat/completions",
                                headers={"Authorization": f"Bearer {key}"})
         assert status == 200 and cloud.stats()["started"] == 1
+        m = await router.metrics()
+        assert m.value("llmtap_key_requests_total", key="app", error_type="") == 1
+        assert m.label_values("llmtap_key_requests_total", "key") == {"app"}
 
 
 async def test_a_hung_backend_fails_over_within_the_attempt_timeout() -> None:

@@ -36,6 +36,7 @@ from exporter.routing.registry import Registry
 from exporter.routing.upstream import RoutedUpstream
 from exporter.state import LiveState
 from exporter.telemetry.exposition import metrics_handler
+from exporter.telemetry.keys import KeyUsage
 from exporter.telemetry.metrics import RequestMetrics
 from exporter.telemetry.tracing import Tracing, TracingObserver, tracing_configured
 
@@ -65,7 +66,8 @@ class Router:
         pool = UpstreamPool(config.connect_timeout, on_retry=self.request_metrics.retries.inc)
         upstream = RoutedUpstream(self.decider, pool, self.metrics, self.model_names,
                                   config.attempt_timeout)
-        self.proxy = Proxy(upstream, self.labels, self._admission(), self._observers(),
+        admission = self._admission()
+        self.proxy = Proxy(upstream, self.labels, admission, self._observers(),
                            ProxySettings(first_byte_timeout=config.first_byte_timeout,
                                          idle_timeout=config.idle_timeout))
         self._admin: web.AppRunner | None = None
@@ -93,8 +95,10 @@ class Router:
         observers: list[Observer] = [self.live]
         if self.tracing is not None:
             observers.append(TracingObserver(self.tracing))
-        observers += [self.request_metrics,
-                      RouterAccounting(self.metrics, self.config.access_log)]
+        observers.append(self.request_metrics)
+        if self.keys is not None:
+            observers.append(KeyUsage(self.registry))
+        observers.append(RouterAccounting(self.metrics, self.config.access_log))
         return Observers(observers)
 
     # ----------------------------------------------------------------- lifecycle
