@@ -339,3 +339,22 @@ async def test_a_runner_killed_mid_stream_is_an_error_in_both_dialects(
         assert await until(lambda want=errors + 1: tap.metrics().value(
             "gen_ai_server_request_duration_seconds_count", error_type="upstream_error")
             == want, within=10), (path, rest[-300:])
+
+
+async def test_nothing_llmtap_polls_keeps_or_shows_prompt_text(tap: Llmtap) -> None:
+    """While a request with a unique prompt runs (its runner's /slots polled meanwhile),
+    neither the state endpoint, the metrics nor the log holds any of its text."""
+    secret = "zebra-quartz-" + str(time.monotonic_ns())
+    task = asyncio.create_task(post(tap.url, "/api/generate", {
+        "model": MODEL, "prompt": f"Repeat after me: {secret}", "stream": False,
+        "options": {"num_predict": 40}}))
+    seen = await until(lambda: tap.metrics().value(
+        "llmtap_model_slots_busy", gen_ai_request_model=MODEL) == 1, within=20)
+    assert seen, "the runner's slot was never seen busy"
+    exposed = [orjson.dumps(tap.state()).decode(), tap.metrics().text]
+    status, _ = await task
+    assert status == 200
+    tap.settled_lines()
+    exposed.append(tap.log.read_text())
+    for text in exposed:
+        assert secret not in text and "Repeat after me" not in text
