@@ -327,7 +327,7 @@ async def test_a_runner_killed_mid_stream_is_an_error_in_both_dialects(
             assert resp.status == 200
             first = await resp.content.readline()
             assert first.strip(), "no first frame"
-            found, why = find_runners(ollama.port)
+            found, why, _ = find_runners(ollama.port)
             assert found, why
             for runner in found:
                 os.kill(runner.pid, signal.SIGKILL)

@@ -131,7 +131,7 @@ async def test_runners_unseen_are_said_once_and_their_gauges_absent() -> None:
     assert view.model_queues is None
     assert [e["why"] for e in logs] == [source.blind]
     assert await source.poll("llama.cpp", True) is None  # not Ollama: nothing to look for
-    found, why = runners.find_runners(_unused_port())
+    found, why, _ = runners.find_runners(_unused_port())
     assert found == [] and why is not None and "no socket listens" in why
     await fetch.close()
 

@@ -62,20 +62,20 @@ class UpstreamCollector(Collector):
                                          labels=MODEL)
             vram = GaugeMetricFamily("llmtap_model_vram_bytes",
                                      "GPU memory the loaded model occupies", labels=MODEL)
+            sleeping = GaugeMetricFamily(
+                "llmtap_model_sleeping", "1 when llama.cpp's router has put the model to "
+                "sleep (--sleep-idle-seconds: its weights are freed)", labels=MODEL)
             for name in sorted(set(models or ()) | loaded.keys()):
-                in_memory = name in loaded and loaded[name].in_memory
-                resident.add_metric([name], 1.0 if in_memory else 0.0)
-                if name in loaded and loaded[name].vram_bytes is not None:
-                    vram.add_metric([name], float(loaded[name].vram_bytes or 0))
+                entry = loaded.get(name)
+                resident.add_metric([name], 1.0 if entry is not None and entry.in_memory
+                                    else 0.0)
+                sleeping.add_metric([name], 1.0 if entry is not None and not entry.in_memory
+                                    else 0.0)
+                if entry is not None and entry.vram_bytes is not None:
+                    vram.add_metric([name], float(entry.vram_bytes))
             yield resident
             yield vram
-            if monitor.llamacpp_router:
-                sleeping = GaugeMetricFamily(
-                    "llmtap_model_sleeping", "1 when llama.cpp's router has put the model to "
-                    "sleep (--sleep-idle-seconds: its weights are freed)", labels=MODEL)
-                for name in sorted(set(models or ()) | loaded.keys()):
-                    asleep = name in loaded and not loaded[name].in_memory
-                    sleeping.add_metric([name], 1.0 if asleep else 0.0)
+            if monitor.llamacpp_router:  # only its models sleep
                 yield sleeping
             loads = CounterMetricFamily("llmtap_model_loads",
                                         "Models seen going from unloaded to loaded",
@@ -123,7 +123,7 @@ def _model_queue_metrics(queues: dict[str, ServerQueue], live: LiveState) -> Ite
     for name, q in sorted(queues.items()):
         if q.slots_total is not None:
             total.add_metric([name], q.slots_total)
-        running = q.slots_busy if q.slots_busy is not None else q.processing
+        running = _running(q)
         if running is not None:
             busy.add_metric([name], running)
             queued.add_metric([name], max(q.deferred or 0,
@@ -155,12 +155,17 @@ def _scheduler_metrics(view: UpstreamView, live: LiveState) -> Iterator[Metric]:
                       kv)
 
 
+def _running(q: ServerQueue) -> float | None:
+    """What the server is working on: its own count (llama.cpp's --metrics, vLLM) where it
+    gives one, else the busy slots."""
+    return q.processing if q.processing is not None else q.slots_busy
+
+
 def _server_running_and_kv(view: UpstreamView) -> tuple[float | None, float | None]:
     queues = list(view.model_queues.values()) if view.model_queues else []
     if not queues and view.queue is not None:
         queues = [view.queue]
-    running = [q.processing if q.processing is not None else q.slots_busy for q in queues]
-    known = [float(r) for r in running if r is not None]
+    known = [float(r) for q in queues if (r := _running(q)) is not None]
     kvs = [q.kv_cache_usage_ratio for q in queues if q.kv_cache_usage_ratio is not None]
     return (sum(known) if known else None), (max(kvs) if kvs else None)
 

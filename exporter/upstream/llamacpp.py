@@ -14,7 +14,7 @@ from exporter.upstream.fetch import Fetcher
 from exporter.upstream.view import ModelInfo, ServerQueue
 
 
-def parameter_size(n_params: Any) -> str:
+def _parameter_size(n_params: Any) -> str:
     if not isinstance(n_params, int | float) or n_params <= 0:
         return ""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -29,17 +29,21 @@ async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
         return None
     props = await fetch.json("/props")
     quantization = props.get("model_ftype", "") if isinstance(props, dict) else ""
-    models = {}
-    for entry in doc["data"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-            continue
-        raw = entry.get("meta")
-        meta = raw if isinstance(raw, dict) else {}
-        models[entry["id"]] = ModelInfo(
-            name=entry["id"], parameter_size=parameter_size(meta.get("n_params")),
-            quantization=quantization if isinstance(quantization, str) else "",
-            size_bytes=meta.get("size") if isinstance(meta.get("size"), int) else None)
-    return models
+    return {entry["id"]: model_info(entry, quantization) for entry in doc["data"]
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+
+
+def model_info(entry: dict[str, Any], quantization: Any = None) -> ModelInfo:
+    """A /v1/models (or router /models) entry: its `meta` has the parameters and the size;
+    the quantization comes from /props in single-model mode, else from `meta.ftype`."""
+    raw = entry.get("meta")
+    meta = raw if isinstance(raw, dict) else {}
+    if quantization is None:
+        quantization = meta.get("ftype")
+    size = meta.get("size")
+    return ModelInfo(name=entry["id"], parameter_size=_parameter_size(meta.get("n_params")),
+                     quantization=quantization if isinstance(quantization, str) else "",
+                     size_bytes=size if isinstance(size, int) else None)
 
 
 def slot_figures(slots: list[Any]) -> ServerQueue:

@@ -22,7 +22,7 @@ import orjson
 
 from exporter.upstream import promtext
 from exporter.upstream.fetch import MAX_POLL_BYTES, Fetcher
-from exporter.upstream.llamacpp import parameter_size
+from exporter.upstream.llamacpp import model_info
 from exporter.upstream.view import LoadedModel, ModelInfo, ServerQueue, UpstreamView
 
 RESIDENT = ("loaded", "sleeping")  # a child runs (and answers /metrics without waking)
@@ -47,18 +47,7 @@ def _status(entry: dict[str, Any]) -> str:
 
 async def inventory(fetch: Fetcher) -> dict[str, ModelInfo] | None:
     entries = await _models(fetch)
-    if entries is None:
-        return None
-    models = {}
-    for entry in entries:
-        raw = entry.get("meta")
-        meta = raw if isinstance(raw, dict) else {}
-        ftype = meta.get("ftype")
-        models[entry["id"]] = ModelInfo(
-            name=entry["id"], parameter_size=parameter_size(meta.get("n_params")),
-            quantization=ftype if isinstance(ftype, str) else "",
-            size_bytes=meta.get("size") if isinstance(meta.get("size"), int) else None)
-    return models
+    return None if entries is None else {entry["id"]: model_info(entry) for entry in entries}
 
 
 async def loaded(fetch: Fetcher) -> dict[str, LoadedModel] | None:

@@ -1,12 +1,12 @@
-"""Upstream kind detection, health, and the per-kind pollers, all off the request path.
+"""Upstream kind detection, health, and the per-kind poll sources, all off the request path.
 
 Detection (`--upstream-kind auto`): `/api/version` answering JSON with a version → ollama;
-`/props` answering JSON → llama.cpp; anything else that answers `/v1/models` → openai. The
-health probe drives `/readyz` and `llmtap_upstream_up`; the inventory (refreshed every
---inventory-interval) feeds the model-label allow-list, digests and pins; the loaded models
-and the server's own queue are polled every --health-interval. Every poll has a short timeout
-on its own client session, so a hanging upstream never holds the relay, and each source's
-failures are logged once per change of state, not once per tick.
+`/props` answering JSON → llama.cpp (its router mode when `role` is "router"); anything else
+that answers `/v1/models` → openai. `sources()` gives the poll sources a PollSupervisor runs,
+each on its own interval and failing alone: health (`/readyz`, `llmtap_upstream_up`),
+inventory (every --inventory-interval: labels, digests, pins), loaded models, the server's
+queue, Ollama's runners and llama.cpp's router loads. Every poll has a short timeout on its
+own client session, so a hanging upstream never holds the relay.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class UpstreamMonitor:
         self._fetch = Fetcher(url)
         self.runners = RunnerSource(url, self._fetch, self.view)
         self.llamacpp_router = False  # llama-server in router mode (/props role "router")
+        self._mode_known = False  # whether llamacpp_router was read since the upstream came up
         self.load_watch = llamacpp_router.LoadWatch(url, self.view)
         self._reported_up: bool | None = None  # what the log last said (None: nothing yet)
 
@@ -78,6 +79,7 @@ class UpstreamMonitor:
         props = await self._fetch.json("/props")
         if isinstance(props, dict):
             self.llamacpp_router = llamacpp_router.is_router(props)
+            self._mode_known = True
             build = props.get("build_info")
             self.version = build if isinstance(build, str) else ""
             return "llama.cpp"
@@ -143,6 +145,8 @@ class UpstreamMonitor:
     def _set_up(self, up: bool) -> None:
         self.last_probe = time.monotonic()
         came_up = up and not self.up
+        if not up:
+            self._mode_known = False  # the server that comes back may run in another mode
         self.up = up
         if up != self._reported_up:
             self._reported_up = up
@@ -167,10 +171,12 @@ class UpstreamMonitor:
         return llamacpp_router if self.llamacpp_router else POLLERS[self.kind]
 
     async def poll_inventory(self) -> bool | None:
-        if self.up and self.kind == "llama.cpp":  # which mode (set by a flag, not detected)
+        if self.up and self.kind == "llama.cpp" and not self._mode_known:
+            # Which mode: detection reads it, but a kind given by flag was never detected.
             props = await self._fetch.json("/props")
             if props is not None:
                 self.llamacpp_router = llamacpp_router.is_router(props)
+                self._mode_known = True
         poller = self._poller()
         if poller is None:
             return None

@@ -35,11 +35,12 @@ def pids(proc: Path = PROC) -> list[int]:
         return []
 
 
-def owner_of(inodes: set[str], proc: Path = PROC) -> int | None:
+def owner_of(inodes: set[str], proc: Path = PROC, first: int | None = None) -> int | None:
     """The process holding one of these sockets, if we may look at its descriptors (same
-    user, or root; in a pod: `shareProcessNamespace: true`)."""
+    user, or root; in a pod: `shareProcessNamespace: true`). `first` is looked at before
+    the rest: the owner found last time, so that a poll need not read every process's."""
     wanted = {f"socket:[{inode}]" for inode in inodes}
-    for pid in pids(proc):
+    for pid in ([first] if first is not None else []) + pids(proc):
         fd_dir = proc / str(pid) / "fd"
         try:
             names = os.listdir(fd_dir)

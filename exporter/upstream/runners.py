@@ -58,25 +58,23 @@ def runner_from(pid: int, argv: list[str]) -> Runner | None:
     return Runner(pid, int(port), model)
 
 
-def _loopback(url: str) -> bool:
-    return is_loopback_host(urllib.parse.urlsplit(url).hostname or "")
-
-
-def find_runners(upstream_port: int) -> tuple[list[Runner], str | None]:
-    """The llama-server children of the process listening on the port, or why not."""
+def find_runners(upstream_port: int, last: int | None = None
+                 ) -> tuple[list[Runner], str | None, int | None]:
+    """The llama-server children of the process listening on the port (looked for in
+    `last` first, the Ollama process found before), or why not; and that process."""
     inodes = procfs.listening_inodes(upstream_port)
     if not inodes:
-        return [], f"no socket listens on port {upstream_port} in this network namespace"
+        return [], f"no socket listens on port {upstream_port} in this network namespace", None
     # The socket's owner, when we may read its descriptors (same user, or root); else the
     # one `ollama serve` in sight (another user's command line is readable, its fds are not).
-    ollama = procfs.owner_of(inodes)
+    ollama = procfs.owner_of(inodes, first=last)
     if ollama is None:
         servers = [pid for pid in procfs.pids() if _is_ollama_server(procfs.command_line(pid))]
         if len(servers) != 1:
             return [], ("the process listening on the upstream's port is not visible (another "
                         "PID namespace: in a pod set shareProcessNamespace)" if not servers
                         else f"{len(servers)} Ollama servers in sight, none known to be "
-                        "the upstream's (run llmtap as Ollama's user to tell them apart)")
+                        "the upstream's (run llmtap as Ollama's user to tell them apart)"), None
         ollama = servers[0]
     found = []
     for child in procfs.children_of(ollama):
@@ -84,7 +82,7 @@ def find_runners(upstream_port: int) -> tuple[list[Runner], str | None]:
         runner = runner_from(child, argv) if argv else None
         if runner is not None:
             found.append(runner)
-    return found, None
+    return found, None, ollama
 
 
 def _is_ollama_server(argv: list[str] | None) -> bool:
@@ -100,6 +98,8 @@ class RunnerSource:
         self._view = view
         parts = urllib.parse.urlsplit(url)
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._local = is_loopback_host(parts.hostname or "")
+        self._ollama: int | None = None  # the Ollama process found last poll
         self._blobs: dict[tuple[str, str], str] = {}  # (model, digest) → blob path
         self._clients: dict[int, Fetcher] = {}  # runner port → its fetcher
         self.blind: str | None = None  # why the runners cannot be seen (None: they can)
@@ -109,8 +109,9 @@ class RunnerSource:
             return None
         why: str | None = "the upstream is not on this host (loopback)"
         runners: list[Runner] = []
-        if _loopback(self.url):
-            runners, why = await asyncio.to_thread(find_runners, self._port)
+        if self._local:
+            runners, why, self._ollama = await asyncio.to_thread(find_runners, self._port,
+                                                                 self._ollama)
         if why is not None:
             self._cannot_see(why)
             return None

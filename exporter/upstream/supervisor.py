@@ -96,9 +96,8 @@ class PollSupervisor:
         source.last_started = started = time.monotonic()
         try:
             outcome = await source.poll()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a source must never take the others down
+        except Exception as exc:  # a source must never take the others down (cancelled
+            # is a BaseException: it still stops the task)
             outcome = False
             self._report(source, f"{type(exc).__name__}: {exc}"[:300])
         else:
