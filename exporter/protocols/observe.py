@@ -59,7 +59,7 @@ class ResponseObserver:
                 apply(record, UPSTREAM_ERROR, self._last)
         record.unparseable += framer.unparseable
         self._framer = None
-        return waiting and self._record.first_token is not None
+        return waiting and record.first_token is not None
 
     def _terminated(self) -> None:
         self._done = True

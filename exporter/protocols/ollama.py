@@ -73,11 +73,8 @@ def _final(obj: dict[str, Any]) -> list[Event]:
     reason = obj.get("done_reason")
     if isinstance(reason, str) and reason:
         found.append(Finished(reason))
-    timings = []
-    for name in TIMING_FIELDS:
-        value = obj.get(name)
-        if type(value) is int and value >= 0:
-            timings.append((name, value / 1e9))  # nanoseconds → seconds
+    timings = tuple((name, value / 1e9) for name in TIMING_FIELDS  # nanoseconds → seconds
+                    if (value := count(obj.get(name))) is not None)
     if timings:
-        found.append(ServerTimings(tuple(timings)))
+        found.append(ServerTimings(timings))
     return found
