@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -83,24 +84,15 @@ class Sidecar:
 
     def _admission(self) -> Admission:
         settings = self.settings
-        try:
-            keys = ApiKeys.load(settings.api_key_file) if settings.api_key_file else None
-        except ValueError as exc:
-            raise StartupError(f"--api-key-file: {exc}") from None
-        self.keys = keys
-        auth = Gauge("llmtap_auth_enabled", "1 when the proxy port requires an API key",
-                     registry=self.registry)
-        auth.set(1 if keys is not None else 0)
-        rejected = Counter("llmtap_auth_rejected",
-                           "Requests refused for a missing or wrong API key",
-                           registry=self.registry)
-        return Admission(settings.max_body_bytes, keys, rejected.inc, self.monitor.refuses,
+        self.keys, on_rejected = api_keys(settings.api_key_file, "--api-key-file",
+                                          self.registry)
+        return Admission(settings.max_body_bytes, self.keys, on_rejected, self.monitor.refuses,
                          self.live, settings.max_waiting_per_model)
 
     def _observers(self, upstream: SingleUpstream) -> Observers:
-        """In order: the live state first (the router reads it), the access log last."""
-        # Load tracking first: it completes a record's load time (llama.cpp's router) before
-        # the live state and the metrics read it.
+        """In order: load tracking first (it completes a record's load time, which the live
+        state and the metrics read), then the live state (the router reads it), the access
+        log last."""
         observers: list[Observer] = [LoadTracking(self.monitor.view), self.live]
         if self.tracing is not None:
             observers.append(TracingObserver(self.tracing, upstream.origin.host,
@@ -122,9 +114,7 @@ class Sidecar:
             raise StartupError(f"cannot listen on {listen} (--listen): {exc.strerror}") \
                 from None
         self.proxy_address = HostPort(listen.host, port)
-        if self.keys is None and not is_loopback_host(listen.host):
-            log.warning(f"the proxy port {self.proxy_address} is open to anyone who can reach "
-                        "it: no API keys are configured (--api-key-file)")
+        warn_if_open(self.keys, self.proxy_address, "the proxy port", "--api-key-file")
         self._admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor,
                                                      self.gpu, lambda: self.draining),
                                     access_log=None)
@@ -164,6 +154,28 @@ class Sidecar:
 async def serve(settings: Settings) -> None:
     """Run a sidecar until SIGTERM or SIGINT."""
     await runtime.run_until_signalled(lambda: Sidecar(settings), "llmtap")
+
+
+def api_keys(path: str, option: str, registry: CollectorRegistry
+             ) -> tuple[ApiKeys | None, Callable[[], None]]:
+    """The keys of a key file (none without one) and what counts a refused key; exports
+    llmtap_auth_enabled and llmtap_auth_rejected_total. The sidecar's and the router's."""
+    try:
+        keys = ApiKeys.load(path) if path else None
+    except ValueError as exc:
+        raise StartupError(f"{option}: {exc}") from None
+    enabled = Gauge("llmtap_auth_enabled", "1 when the proxy port requires an API key",
+                    registry=registry)
+    enabled.set(1 if keys is not None else 0)
+    rejected = Counter("llmtap_auth_rejected", "Requests refused for a missing or wrong API key",
+                       registry=registry)
+    return keys, rejected.inc
+
+
+def warn_if_open(keys: ApiKeys | None, address: HostPort, what: str, option: str) -> None:
+    if keys is None and not is_loopback_host(address.host):
+        log.warning(f"{what} {address} is open to anyone who can reach it: no API keys are "
+                    f"configured ({option})")
 
 
 async def listen_app(runner: web.AppRunner, address: HostPort, what: str = "") -> HostPort:

@@ -536,8 +536,7 @@ def test_a_llama_server_gets_only_the_models_it_serves() -> None:
     first to a llama-server serving phi-3, and the cloud alias `gpt-4o-mini` went to it."""
     from exporter.routing.registry import Sidecar
 
-    sidecar = Sidecar("l", "http://l:1", "http://l:2", None, Breaker(BreakerSpec()))
-    sidecar.aliases = frozenset({"phi"})
+    sidecar = Sidecar("l", "http://l:1", "http://l:2", None, Breaker(BreakerSpec()), ("phi",))
     sidecar.polled({"upstream": {"kind": "llama.cpp", "up": True,
                                  "models": ["/models/phi-3-mini.gguf"]},
                     "models": {}}, time.monotonic())

@@ -252,7 +252,7 @@ def _backend(raw: Any, where: str) -> SidecarSpec | DnsSpec:
         spec = SidecarSpec(name=s.get("name", str, required=True),
                            proxy_url=s.url("proxy_url"), admin_url=s.url("admin_url"),
                            parallel=s.count("parallel", None),
-                           aliases=tuple(s.get("aliases", list, [])))
+                           aliases=tuple(str(alias) for alias in s.get("aliases", list, [])))
     s.done()
     return spec
 

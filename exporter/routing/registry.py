@@ -139,13 +139,13 @@ class Sidecar:
     """One llmtap sidecar as the router sees it."""
 
     def __init__(self, name: str, proxy_url: str, admin_url: str, parallel: int | None,
-                 breaker: Breaker) -> None:
+                 breaker: Breaker, aliases: tuple[str, ...] = ()) -> None:
         self.name = name
         self.proxy_url = proxy_url.rstrip("/")
         self.admin_url = admin_url.rstrip("/")
         self.parallel = parallel
         self.breaker = breaker
-        self.aliases: frozenset[str] = frozenset()  # other names a llama-server answers to
+        self.aliases = frozenset(aliases)  # other names a llama-server answers to
         self.state: dict[str, Any] | None = None
         self.polled_at: float | None = None  # monotonic time of the last good poll
         self.poll_failures = 0
@@ -350,8 +350,7 @@ class Registry:
         self._session: aiohttp.ClientSession | None = None
         self._known_models: frozenset[str] = frozenset()
         for spec in config.backends:
-            self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel).aliases = \
-                frozenset(str(alias) for alias in spec.aliases)
+            self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel, spec.aliases)
         for cloud in config.cloud:
             self.clouds[cloud.name] = Cloud(cloud, self._breaker(cloud.name))
             on_added(cloud.name)
@@ -363,8 +362,9 @@ class Registry:
         log.warning("backend ejected by the circuit breaker", backend=name)
         self._on_eject(name)
 
-    def _add(self, name: str, proxy_url: str, admin_url: str, parallel: int | None) -> Sidecar:
-        sidecar = Sidecar(name, proxy_url, admin_url, parallel, self._breaker(name))
+    def _add(self, name: str, proxy_url: str, admin_url: str, parallel: int | None,
+             aliases: tuple[str, ...] = ()) -> Sidecar:
+        sidecar = Sidecar(name, proxy_url, admin_url, parallel, self._breaker(name), aliases)
         self.sidecars[name] = sidecar
         self._on_added(name)
         if self._session is not None:  # found by DNS after start: poll it right away

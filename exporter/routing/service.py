@@ -16,11 +16,10 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from exporter import __version__, runtime
-from exporter.auth import ApiKeys
-from exporter.config import HostPort, is_loopback_host
+from exporter.config import HostPort
 from exporter.events import RequestInfo
 from exporter.models import ModelLabels
 from exporter.protocols import Endpoint
@@ -77,19 +76,11 @@ class Router:
 
     def _admission(self) -> Admission:
         """Client keys, as the sidecar checks them (and strips them before forwarding)."""
-        from exporter.server import StartupError
+        from exporter.server import api_keys
 
-        if not self.config.api_key_file:
-            self.keys = None
-            return Admission()
-        try:
-            self.keys = ApiKeys.load(self.config.api_key_file)
-        except ValueError as exc:
-            raise StartupError(f"api_key_file: {exc}") from None
-        rejected = Counter("llmtap_auth_rejected",
-                           "Requests refused for a missing or wrong API key",
-                           registry=self.registry)
-        return Admission(keys=self.keys, on_rejected=rejected.inc)
+        self.keys, on_rejected = api_keys(self.config.api_key_file, "api_key_file",
+                                          self.registry)
+        return Admission(keys=self.keys, on_rejected=on_rejected)
 
     def _observers(self) -> Observers:
         observers: list[Observer] = [self.live]
@@ -104,7 +95,7 @@ class Router:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        from exporter.server import StartupError, listen_app
+        from exporter.server import StartupError, listen_app, warn_if_open
 
         await self.backends.start()
         listen = self.config.listen
@@ -118,9 +109,7 @@ class Router:
         log.info("llmtap router serving", listen=str(self.listen_address),
                  admin=str(self.admin_address), sidecars=sorted(self.backends.sidecars),
                  cloud=sorted(self.backends.clouds))
-        if self.keys is None and not is_loopback_host(listen.host):
-            log.warning(f"the router port {self.listen_address} is open to anyone who can "
-                        "reach it: no API keys are configured (api_key_file)")
+        warn_if_open(self.keys, self.listen_address, "the router port", "api_key_file")
         for cloud in self.backends.clouds.values():
             if not cloud.spec.api_key:
                 log.warning("cloud backend has no API key: it will not be used",

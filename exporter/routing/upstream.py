@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 RESIDENCY_HEADER = b"x-llmtap-residency"
 MAX_ATTEMPTS = 3  # first choice + two retries
+MAX_SHOWN_MODEL = 128
 BAD_RESIDENCY = Refusal(400, "invalid_request", "x-llmtap-residency takes local or any")
 
 
@@ -73,7 +74,6 @@ def tries(targets: list[Target]) -> list[Target]:
         return targets
     resort = [t for t in targets[MAX_ATTEMPTS - 1:] if t.cloud is not None][:1]
     return targets[:MAX_ATTEMPTS - len(resort)] + resort
-MAX_SHOWN_MODEL = 128
 
 
 class LocalResponse:
