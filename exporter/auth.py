@@ -67,6 +67,9 @@ class ApiKeys:
             entries[name] = raw
         return cls(entries)
 
+    def names(self) -> list[str]:
+        return [name for name, _ in self._entries]
+
     def check(self, fields: Mapping[bytes, bytes]) -> Admitted | None:
         """The key a request presents, from its lower-case header fields; None if no header
         carries a valid one. Both headers are checked, so a valid key is never forwarded."""

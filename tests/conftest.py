@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import LlamaServer, Llmtap, Ollama, Simulator
+from tests.helpers import LlamaServer, Llmtap, Ollama, RedisServer, Simulator
 
 # Fast, deterministic simulator answers; several requests per model at once so tests that
 # do not look at queueing do not queue.
@@ -52,3 +52,11 @@ def sim_tap(sim: Simulator) -> Iterator[Llmtap]:
     tap = Llmtap(sim.url)
     yield tap
     tap.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real Redis for the router's shared-state tests; each test uses its own prefix."""
+    server = RedisServer()
+    yield server
+    server.stop()

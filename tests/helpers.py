@@ -308,6 +308,35 @@ class Ollama(Process):
         shutil.rmtree(self.models_dir, ignore_errors=True)
 
 
+class RedisServer(Process):
+    """The real redis-server (Debian's package, installed by scripts/test) on a loopback
+    port, in memory only. Missing, it fails the run: CI is meant to have it."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.access(binary, os.X_OK):
+            raise RuntimeError("redis-server is missing: scripts/test installs it (Debian "
+                               "package redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        super().__init__([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        self.wait_until_up(self._ping)
+
+    def _ping(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer within 20 s")
+
+
 P = TypeVar("P", bound=Process)
 
 

@@ -14,7 +14,9 @@ from exporter.events import RequestInfo
 from exporter.protocols import endpoint_for
 from exporter.routing.classifier import HEAVY, LIGHT, RuleClassifier, load_classifier, safe_classify
 from exporter.routing.config import BreakerSpec, ClassifierSpec, CloudSpec, parse_config
-from exporter.routing.registry import CLOSED, HALF_OPEN, OPEN, Breaker, Cloud, Registry
+from exporter.routing.ledger import MemoryLedger
+from exporter.routing.registry import CLOSED, HALF_OPEN, OPEN, Breaker, Registry
+from exporter.routing.spend import Cloud
 from exporter.routing.translate import OllamaFromOpenAI, ollama_to_openai
 
 EXAMPLE = """
@@ -241,25 +243,30 @@ def test_circuit_breaker_ejects_probes_and_restores() -> None:
     assert opened == [1]  # one ejection counted, however many failed probes
 
 
-def test_cloud_budget_and_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cloud_budget_and_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     spec = CloudSpec(name="c", base_url="http://c/v1", api_key_env="ROUTER_TEST_KEY",
                      models={"heavy": "big"}, price_per_input_token=0.01,
                      price_per_output_token=0.02, budget=1.0, rate_limit=2)
-    cloud = Cloud(spec, Breaker(BreakerSpec(), clock), clock)
+    cloud = Cloud(spec, Breaker(BreakerSpec(), clock), MemoryLedger(clock))
     monkeypatch.delenv("ROUTER_TEST_KEY", raising=False)
     assert cloud.unusable() == "no_api_key"
     monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
     assert cloud.unusable() == ""
-    cloud.take()
-    cloud.take()
+    first = await cloud.admit(0.5, None)
+    second = await cloud.admit(0.1, None)
+    assert first.reservation and second.reservation
     assert cloud.unusable() == "rate_limited"  # burst of 2 spent
+    assert (await cloud.admit(0.1, None)).declined == "rate_limited"
     clock.now += 0.5
     assert cloud.unusable() == ""  # 2/s refills one in half a second
-    assert cloud.charge(10, 20) == pytest.approx(0.5)
+    assert cloud.budget_left() == pytest.approx(0.4)  # both reservations held
+    cloud.ledger.settle(first.reservation, cloud.cost(10, 20))  # it cost what it reserved
+    cloud.ledger.settle(second.reservation, 0.0)  # this one nothing
     assert cloud.budget_left() == pytest.approx(0.5)
-    cloud.charge(10, 20)
-    assert cloud.unusable() == "budget_exhausted"
+    assert cloud.unusable(need=0.6) == "budget_exhausted"  # no room for that much
+    assert (await cloud.admit(0.6, None)).declined == "budget_exhausted"
+    assert cloud.budget_left() == pytest.approx(0.5)  # a refusal holds nothing
 
 
 # --------------------------------------------------------------------------- discovery
@@ -434,7 +441,7 @@ def test_the_cloud_last_resort_survives_the_attempt_limit() -> None:
 
     spec = CloudSpec(name="cloud", base_url="http://127.0.0.1:9", api_key_env="NONE",
                      models={"m": "m"})
-    cloud = Cloud(spec, Breaker(BreakerSpec()))
+    cloud = Cloud(spec, Breaker(BreakerSpec()), MemoryLedger())
     local = [Target(f"local-{i}", "m") for i in range(5)]
     chosen = tries([*local, Target("cloud", "m", cloud=cloud)])
     assert len(chosen) == MAX_ATTEMPTS
@@ -508,7 +515,8 @@ def test_what_an_answer_says_of_its_backend() -> None:
     assert sidecar.breaker.state == OPEN
     spec = CloudSpec(name="c", base_url="http://127.0.0.1:9", api_key_env="NONE",
                      models={"m": "m"})
-    cloud = Cloud(spec, Breaker(BreakerSpec(failures=1, cooldown=1.0), clock))
+    cloud = Cloud(spec, Breaker(BreakerSpec(failures=1, cooldown=1.0), clock),
+                  MemoryLedger())
     judge(Target("c", "m", cloud=cloud), 429, [(b"Retry-After", b"7")])
     assert cloud.breaker.state == OPEN and cloud.breaker.cooldown == 7.0
     assert cloud.breaker.failures == 0

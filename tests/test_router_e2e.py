@@ -277,7 +277,8 @@ def hybrid() -> Iterator[dict[str, Any]]:
         + "cloud:\n"
           f"  - {{name: fakecloud, base_url: '{cloud.url}/v1', api_key_env: FAKE_CLOUD_KEY,\n"
           "     models: {auto-heavy: gpt-fake}, price_per_input_token: 0.001,\n"
-          "     price_per_output_token: 0.01, budget: 0.15, rate_limit: 50}\n"
+          "     price_per_output_token: 0.01, budget: 0.3, rate_limit: 50,\n"
+          "     max_output_tokens: 5}\n"
           "routes:\n"
           "  - {model: auto, hybrid: {light: m1, heavy: auto-heavy, slo_ttft: 0.5}}\n"
           "  - {model: private, hybrid: {light: m1, heavy: auto-heavy}, residency: local}\n")
@@ -335,13 +336,17 @@ async def test_hybrid_heavy_to_cloud_spill_under_overload_and_local_only_stays(
     assert spill["backend"] == "fakecloud" and spill["estimate_ms"] is not None
     assert spill["alternatives"] == ["local"]
 
-    # The budget (0.15) is spent after one more heavy answer: then heavy ones queue locally.
+    # Each cloud answer reserves at most ~0.15 (its body's bytes as input tokens, 5 output
+    # tokens) and costs ~0.06: after one more heavy answer, the 0.3 budget has no room for
+    # another reservation: then heavy ones queue locally.
     await chat(router.url, "auto", "Prove step by step that 19 is prime")
     status, _ = await chat(router.url, "auto", "Prove step by step that 23 is prime")
     assert status == 200
     m = await router.metrics()
     assert decisions(m, route="auto", backend="local", reason="budget_exhausted") == 1
-    assert m.value("llmtap_router_cloud_budget_remaining", backend="fakecloud") == 0
+    reserve = len(orjson.dumps({"model": "auto", "messages": [
+        {"role": "user", "content": "Prove step by step that 23 is prime"}]})) * 0.001 + 0.05
+    assert 0 < m.value("llmtap_router_cloud_budget_remaining", backend="fakecloud") < reserve
     assert cloud.stats()["started"] == 3
 
 

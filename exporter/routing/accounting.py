@@ -17,7 +17,7 @@ from exporter.relay.observers import Observer
 from exporter.routing.classifier import LIGHT
 from exporter.routing.decide import Decision, Target
 from exporter.routing.metrics import RouterMetrics
-from exporter.routing.registry import Cloud
+from exporter.routing.spend import Cloud
 from exporter.routing.upstream import judge
 from exporter.state import ewma
 
@@ -66,18 +66,22 @@ class RouterAccounting(Observer):
                     self.metrics.ttft_ratio.labels(chosen.backend).observe(
                         ttft / chosen.estimate)
         if chosen.cloud is not None:
-            self._charge(chosen.cloud, record, decision, ttft)
+            self._charge(chosen, chosen.cloud, record, decision, ttft)
             if decision.klass == LIGHT or decision.reason in ("spill", "no_local"):
                 self.metrics.spills.labels(decision.route, chosen.backend).inc()
 
-    def _charge(self, cloud: Cloud, record: RequestRecord, decision: Decision,
-                ttft: float | None) -> None:
+    def _charge(self, target: Target, cloud: Cloud, record: RequestRecord,
+                decision: Decision, ttft: float | None) -> None:
         # Server-reported tokens where the answer carried usage; else counted content chunks
         # and ~4 characters per prompt token, so the budget is never blind.
         tokens_in = record.input_tokens if record.input_tokens is not None else \
             decision.prompt_chars // 4
         tokens_out = record.output_token_count or 0
-        cost = cloud.charge(tokens_in, tokens_out)
+        cost = cloud.cost(tokens_in, tokens_out)
+        if target.reservation is not None:  # the reservation becomes the real cost
+            cloud.ledger.settle(target.reservation, cost)
+        if record.key_name:
+            self.metrics.key_cost.labels(record.key_name).inc(cost)
         self.metrics.cloud_tokens.labels(cloud.name, "input").inc(tokens_in)
         self.metrics.cloud_tokens.labels(cloud.name, "output").inc(tokens_out)
         self.metrics.cloud_cost.labels(cloud.name).inc(cost)

@@ -68,10 +68,29 @@ class CloudSpec:
     budget_period: str = "day"  # "day" (resets at 00:00 UTC) or "total" (since start)
     rate_limit: float | None = None  # requests per second; None: no limit
     expected_ttft: float = 1.0  # seconds, the estimate used before any answer was measured
+    # What a request without max_tokens reserves of the budgets, in output tokens.
+    max_output_tokens: int = 4096
 
     @property
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "")
+
+
+@dataclass(frozen=True)
+class KeyLimitSpec:
+    """One client key's limits (a name from api_key_file, or "*" for every other key)."""
+
+    budget: float | None = None  # cloud spend per UTC day, currency units; None: no limit
+    rate_limit: float | None = None  # requests per second through the router; None: none
+
+
+@dataclass(frozen=True)
+class SharedStateSpec:
+    """Spend, rate limits and ejections shared by router replicas, in Redis."""
+
+    redis_url: str
+    prefix: str = "llmtap"  # key prefix: one Redis can serve several router fleets
+    refresh_interval: float = 1.0  # seconds between reads of budgets and ejections
 
 
 @dataclass(frozen=True)
@@ -139,6 +158,8 @@ class RouterConfig:
     # Without keys, a router with a cloud backend lets anyone who can reach it spend the
     # cloud budget: it refuses to start unless this says that is meant.
     allow_unauthenticated_cloud: bool = False
+    key_limits: Mapping[str, KeyLimitSpec] = field(default_factory=dict)
+    shared_state: SharedStateSpec | None = None  # None: each replica keeps its own
 
     def route_for(self, model: str) -> RouteSpec:
         """Exact names win over globs; globs are tried in file order; nothing: the default."""
@@ -272,7 +293,8 @@ def _cloud(raw: Any, where: str) -> CloudSpec:
         budget=s.positive("budget", None, allow_zero=True),
         budget_period=s.choice("budget_period", BUDGET_PERIODS, "day"),
         rate_limit=s.positive("rate_limit", None),
-        expected_ttft=s.positive("expected_ttft", 1.0))
+        expected_ttft=s.positive("expected_ttft", 1.0),
+        max_output_tokens=s.count("max_output_tokens", 4096))
     s.done()
     return spec
 
@@ -297,6 +319,32 @@ def _route(raw: Any, where: str) -> RouteSpec:
     spec = RouteSpec(model=s.get("model", str, required=True), policy=policy, hybrid=hybrid,
                      residency=s.choice("residency", RESIDENCIES, "any"))
     s.done()
+    return spec
+
+
+def _key_limits(s: _Section) -> dict[str, KeyLimitSpec]:
+    raw = s.get("key_limits", dict, {})
+    limits: dict[str, KeyLimitSpec] = {}
+    for name, item in raw.items():
+        k = _Section(item, f"key_limits.{name}")
+        limits[str(name)] = KeyLimitSpec(budget=k.positive("budget", None, allow_zero=True),
+                                         rate_limit=k.positive("rate_limit", None))
+        k.done()
+    return limits
+
+
+def _shared_state(s: _Section) -> SharedStateSpec | None:
+    raw = s.get("shared_state", dict)
+    if raw is None:
+        return None
+    r = _Section(raw, "shared_state")
+    url = r.get("redis_url", str, required=True)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"shared_state.redis_url: expected redis://host:port/db, "
+                          f"rediss://... or unix://..., got {url!r}")
+    spec = SharedStateSpec(redis_url=url, prefix=r.get("prefix", str, "llmtap"),
+                           refresh_interval=r.positive("refresh_interval", 1.0))
+    r.done()
     return spec
 
 
@@ -354,8 +402,12 @@ def parse_config(raw: Any) -> RouterConfig:
         log_level=s.choice("log_level", LOG_LEVELS, "info"),
         log_format=s.choice("log_format", LOG_FORMATS, "json"),
         api_key_file=s.get("api_key_file", str, ""),
-        allow_unauthenticated_cloud=s.get("allow_unauthenticated_cloud", bool, False))
+        allow_unauthenticated_cloud=s.get("allow_unauthenticated_cloud", bool, False),
+        key_limits=_key_limits(s), shared_state=_shared_state(s))
     s.done()
+    if config.key_limits and not config.api_key_file:
+        raise ConfigError("key_limits: limits per client key need api_key_file (the key "
+                          "names come from it)")
     if not backends and not dns and not clouds:
         raise ConfigError("backends: at least one backend (or cloud) is required")
     if clouds and not config.api_key_file and not config.allow_unauthenticated_cloud:

@@ -28,8 +28,10 @@ from exporter.routing.classifier import (
     safe_classify,
 )
 from exporter.routing.config import RouterConfig, RouteSpec
+from exporter.routing.ledger import Budget, Reservation
 from exporter.routing.policies import POLICIES, Candidate, Policy, RequestTraits, expected_ttft
-from exporter.routing.registry import Breaker, Cloud, Registry, Sidecar
+from exporter.routing.registry import Breaker, Registry, Sidecar
+from exporter.routing.spend import LIMITS, Cloud, KeyLimits
 from exporter.routing.translate import OLLAMA_PATHS
 
 log = structlog.get_logger("llmtap.router")
@@ -42,6 +44,12 @@ class Target:
     sidecar: Sidecar | None = None
     cloud: Cloud | None = None
     estimate: float | None = None  # expected TTFT, seconds
+    # A cloud target: what it may cost at most, the key's budget it also draws on, and
+    # what was reserved for it when it was sent (settled when the request ends).
+    max_cost: float = 0.0
+    prompt_tokens: int = 0  # estimated (~4 characters a token), for what an abandoned try cost
+    key_budget: Budget | None = None
+    reservation: Reservation | None = None
 
     def started(self) -> None:
         if self.sidecar is not None:
@@ -81,9 +89,11 @@ class Decision:
 class Decider:
     """The router's decisions, from its config and the backends' state."""
 
-    def __init__(self, config: RouterConfig, backends: Registry) -> None:
+    def __init__(self, config: RouterConfig, backends: Registry,
+                 limits: KeyLimits | None = None) -> None:
         self.config = config
         self.backends = backends
+        self.limits = limits if limits is not None else KeyLimits({}, backends.ledger)
         self.classify = load_classifier(config.classifier)
         self.policies: dict[str, Policy] = {}
         self.rng = random.Random()
@@ -97,7 +107,10 @@ class Decider:
         return policy
 
     def decide(self, path: str, endpoint: Endpoint | None, info: RequestInfo | None,
-               body: dict[str, Any] | None, residency_local: bool) -> Decision:
+               body: dict[str, Any] | None, residency_local: bool, key: str | None = None,
+               body_size: int = 0) -> Decision:
+        """The plan for one request; `key` names the client key that admitted it (its
+        budget counts for the cloud), `body_size` bounds its prompt's tokens."""
         model = info.model if info is not None else ""
         route = self.config.route_for(model)
         local_only = residency_local or route.residency == "local"
@@ -129,8 +142,10 @@ class Decider:
         # resident would see every request spill and never be loaded.
         best = min((_estimate(replace(c, loaded=True), traits) for c in ranked),
                    default=math.inf)
-        cloud_target, why_not = self._cloud_target(cloud_alias, path, endpoint, body,
-                                                   local_only)
+        cloud_target, why_not = self._cloud_target(
+            cloud_alias, path, endpoint, body, local_only,
+            Spender(key, body_size or decision.prompt_chars, decision.prompt_chars,
+                    _asked_tokens(info, body)))
         if hybrid is not None:
             spilling = self._spill_state(route.model, best, hybrid.slo_ttft,
                                          hybrid.hysteresis)
@@ -150,12 +165,12 @@ class Decider:
         else:
             decision.reason = "policy" if local else why_not if cloud_alias else "no_backend"
             decision.targets = local
-        if not decision.targets:
-            decision.reason = "no_backend"
+        if not decision.targets and decision.reason not in LIMITS:
+            decision.reason = "no_backend"  # (a spent budget says so: the client is told)
         return decision
 
     def _cloud_target(self, alias: str, path: str, endpoint: Endpoint, body: Any,
-                      local_only: bool) -> tuple[Target | None, str]:
+                      local_only: bool, spender: Spender) -> tuple[Target | None, str]:
         """The cloud target for a model alias, or why there is none (a reason label)."""
         spec = self.config.cloud_for(alias) if alias else None
         if spec is None:
@@ -166,10 +181,14 @@ class Decider:
         if body is None or not (endpoint.dialect == "openai" or path in OLLAMA_PATHS):
             return None, "not_translatable"
         cloud = self.backends.clouds[spec.name]
-        if why := cloud.unusable():
+        need = cloud.max_cost(spender.body_size, spender.max_tokens)
+        key_budget = self.limits.budget(spender.key)
+        if why := cloud.unusable(need, key_budget):
             return None, why
         return Target(cloud.name, spec.models[alias], cloud=cloud,
-                      estimate=expected_ttft(cloud.candidate(), RequestTraits(alias))), ""
+                      estimate=expected_ttft(cloud.candidate(), RequestTraits(alias)),
+                      max_cost=need, prompt_tokens=spender.prompt_chars // 4,
+                      key_budget=key_budget), ""
 
     def _spill_state(self, route: str, best: float, slo: float, hysteresis: float) -> bool:
         """Spill once the best local E[TTFT] passes the SLO; stop only when it is back under
@@ -194,6 +213,22 @@ class Decider:
         sidecars.sort(key=lambda s: sum(s.in_flight.values()))
         decision.targets = [Target(s.name, "", sidecar=s) for s in sidecars]
         return decision
+
+
+@dataclass(frozen=True, slots=True)
+class Spender:
+    """Who asks the cloud, and the most the request may use."""
+
+    key: str | None  # the client key's name
+    body_size: int  # bytes: a bound on the prompt's tokens
+    prompt_chars: int
+    max_tokens: int | None  # output tokens asked for, if the request says
+
+
+def _asked_tokens(info: RequestInfo | None, body: dict[str, Any] | None) -> int | None:
+    if info is not None and info.max_tokens:
+        return info.max_tokens
+    return requested_max_tokens(body) if body is not None else None
 
 
 def _speaks(kind: str | None, dialect: str) -> bool:

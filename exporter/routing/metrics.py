@@ -8,13 +8,14 @@ label value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter.routing.registry import CLOSED, Registry
+from exporter.routing.spend import KeyLimits
 from exporter.telemetry.metrics import TTFT_BUCKETS
 
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2, 4, 10)
@@ -23,9 +24,14 @@ RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2, 4, 10)
 class BackendCollector(Collector):
     """Backend health, read from the registry when scraped."""
 
-    def __init__(self, registry: Registry, spilling: Callable[[], dict[str, bool]]) -> None:
+    def __init__(self, registry: Registry, spilling: Callable[[], dict[str, bool]],
+                 limits: KeyLimits | None = None, key_names: Sequence[str] = (),
+                 shared_up: Callable[[], bool] | None = None) -> None:
         self._registry = registry
         self._spilling = spilling
+        self._limits = limits
+        self._key_names = list(limits.with_budgets(key_names)) if limits is not None else []
+        self._shared_up = shared_up
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily(
@@ -60,6 +66,22 @@ class BackendCollector(Collector):
         yield in_flight
         yield budget
         yield spilling
+        yield from self._keys_and_shared()
+
+    def _keys_and_shared(self) -> Iterator[GaugeMetricFamily]:
+        if self._limits is not None and self._key_names:
+            keys = GaugeMetricFamily(
+                "llmtap_router_key_budget_remaining",
+                "Cloud budget a client key has left today (currency units)", labels=("key",))
+            for name in self._key_names:
+                if (room := self._limits.budget_left(name)) is not None:
+                    keys.add_metric((name,), room)
+            yield keys
+        if self._shared_up is not None:
+            yield GaugeMetricFamily(
+                "llmtap_router_shared_state_up",
+                "1 when the shared state (Redis) answered the router's last call",
+                value=1.0 if self._shared_up() else 0.0)
 
 
 class RouterMetrics:
@@ -101,6 +123,10 @@ class RouterMetrics:
         self.cloud_cost = Counter(
             "llmtap_router_cloud_cost",
             "Cloud spend from the configured prices (currency units)", ("backend",),
+            registry=registry)
+        self.key_cost = Counter(
+            "llmtap_router_key_cost",
+            "Cloud spend per client key (currency units; names from api_key_file)", ("key",),
             registry=registry)
         self.ejections = Counter(
             "llmtap_router_backend_ejections",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import ipaddress
 import socket
 import time
@@ -22,101 +21,15 @@ import orjson
 import structlog
 
 from exporter.models import tagged
-from exporter.routing.config import BreakerSpec, CloudSpec, DnsSpec, RouterConfig
+from exporter.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, EjectionBoard
+from exporter.routing.config import DnsSpec, RouterConfig
+from exporter.routing.ledger import Ledger, MemoryLedger
 from exporter.routing.policies import Candidate
+from exporter.routing.spend import Cloud
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Registry", "Sidecar"]
 
 log = structlog.get_logger("llmtap.router")
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-
-
-class Breaker:
-    """Closed → (N consecutive failures) → open for a cooldown → half-open: one probe; its
-    success closes the breaker, its failure reopens it for twice as long (up to a maximum).
-
-    Request outcomes and liveness are apart: a sidecar whose admin port answers while its
-    requests fail is ejected all the same (a poll's success never clears request failures),
-    and only a request probe brings back a backend that failing answers ejected. Failed polls
-    and refused connections are liveness: a poll answering again brings that one back.
-    A probe that hangs past `probe_timeout` fails; one that is cancelled, or answered 429,
-    proves nothing and frees the probe slot. `cool_down` (a 429 with Retry-After) keeps a
-    backend out for that long without calling it broken.
-    """
-
-    def __init__(self, spec: BreakerSpec, clock: Callable[[], float] = time.monotonic,
-                 on_open: Callable[[], None] | None = None, name: str = "") -> None:
-        self.name = name
-        self.spec = spec
-        self.clock = clock
-        self.on_open = on_open
-        self.state = CLOSED
-        self.failures = 0
-        self.cooldown = spec.cooldown
-        self.opened_at = 0.0
-        self.opened_by = ""  # "requests" or "liveness" (polls, connects): what ejected it
-        self.probe_at = 0.0  # when the half-open probe was sent
-        self.ejections = 0
-
-    def eligible(self) -> bool:
-        """May a request go there now (the probe is taken by `dispatched`)?"""
-        if self.state == HALF_OPEN and self.clock() - self.probe_at >= self.spec.probe_timeout:
-            self.failure()  # the probe hung: that is an answer too
-        if self.state == CLOSED:
-            return True
-        return self.state == OPEN and self.clock() - self.opened_at >= self.cooldown
-
-    def dispatched(self) -> None:
-        if self.state == OPEN and self.clock() - self.opened_at >= self.cooldown:
-            self.state = HALF_OPEN  # this request is the probe; others wait for its outcome
-            self.probe_at = self.clock()
-
-    def released(self) -> None:
-        """The probe ended without telling (cancelled, a 429): the next request probes."""
-        if self.state == HALF_OPEN:
-            self.state = OPEN
-
-    def cool_down(self, seconds: float) -> None:
-        """Out for `seconds` (a 429's Retry-After), not broken: no failure, no doubling."""
-        self.state = OPEN
-        self.opened_at = self.clock()
-        self.cooldown = max(0.0, min(seconds, self.spec.max_cooldown))
-        self.opened_by = self.opened_by or "requests"
-
-    def success(self, liveness: bool = False) -> None:
-        if liveness and (self.state == CLOSED or self.opened_by != "liveness"):
-            return  # liveness says nothing about requests: it neither clears nor closes
-        if self.state == OPEN and self.clock() - self.opened_at < self.cooldown:
-            return  # too early to trust it again
-        if self.state != CLOSED:
-            log.info("backend back in rotation", backend=self.name,
-                     after_s=round(self.cooldown, 3))
-        self.state = CLOSED
-        self.failures = 0
-        self.cooldown = self.spec.cooldown
-        self.opened_by = ""
-
-    def failure(self, liveness: bool = False) -> None:
-        if self.state == HALF_OPEN or (self.state == OPEN and self.eligible()):
-            self.cooldown = min(self.cooldown * 2, self.spec.max_cooldown)
-            self._open("liveness" if liveness else "requests")
-            return
-        if self.state == OPEN:
-            return
-        self.failures += 1
-        if self.failures >= self.spec.failures:
-            self._open("liveness" if liveness else "requests")
-
-    def _open(self, by: str) -> None:
-        first = self.state == CLOSED
-        self.state = OPEN
-        self.opened_at = self.clock()
-        if first or self.opened_by == "liveness":
-            self.opened_by = by
-        if first:
-            self.ejections += 1
-            if self.on_open is not None:
-                self.on_open()
-
 
 def _stem(name: str) -> str:
     """llama-server's id for a model file is its path: /models/phi-3.gguf answers to phi-3."""
@@ -242,86 +155,6 @@ class Sidecar:
                 "models": self.models()}
 
 
-class Cloud:
-    """A frontier API: its budget, rate limit and health, and what it cost so far."""
-
-    def __init__(self, spec: CloudSpec, breaker: Breaker,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.breaker = breaker
-        self.clock = clock
-        self.spent = 0.0
-        self._period = self._period_key()
-        self._tokens = float(self._burst)
-        self._refilled = clock()
-        self.in_flight = 0
-        self.ttft: float | None = None  # EWMA of measured TTFT through the router
-
-    @property
-    def _burst(self) -> float:
-        rate = self.spec.rate_limit
-        return max(1.0, rate) if rate is not None else 0.0
-
-    def _period_key(self) -> str:
-        if self.spec.budget_period == "total":
-            return ""
-        return datetime.datetime.now(datetime.UTC).date().isoformat()
-
-    def budget_left(self) -> float | None:
-        if self.spec.budget is None:
-            return None
-        if (key := self._period_key()) != self._period:  # a new UTC day: a new budget
-            self._period = key
-            self.spent = 0.0
-        return max(0.0, self.spec.budget - self.spent)
-
-    def unusable(self) -> str:
-        """Why the cloud cannot take a request now ("" when it can)."""
-        if not self.spec.api_key:
-            return "no_api_key"
-        if not self.breaker.eligible():
-            return "cloud_unhealthy"
-        left = self.budget_left()
-        if left is not None and left <= 0:
-            return "budget_exhausted"
-        if self.spec.rate_limit is not None:
-            self._refill()
-            if self._tokens < 1:
-                return "rate_limited"
-        return ""
-
-    def _refill(self) -> None:
-        now = self.clock()
-        rate = self.spec.rate_limit or 0.0
-        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-
-    def take(self) -> None:
-        """Spend one request of the rate limit (a token bucket, burst = max(1, rate))."""
-        if self.spec.rate_limit is not None:
-            self._refill()
-            self._tokens -= 1
-
-    def charge(self, input_tokens: int, output_tokens: int) -> float:
-        cost = (input_tokens * self.spec.price_per_input_token
-                + output_tokens * self.spec.price_per_output_token)
-        self.budget_left()  # roll the period first, so the cost lands in the current one
-        self.spent += cost
-        return cost
-
-    def candidate(self) -> Candidate:
-        return Candidate(backend=self.name, healthy=True, has_model=True, loaded=True,
-                         router_in_flight=self.in_flight, is_cloud=True, parallel=1 << 20,
-                         ttft=self.ttft if self.ttft is not None else self.spec.expected_ttft)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "base_url": self.spec.base_url,
-                "api_key_set": bool(self.spec.api_key), "breaker": self.breaker.state,
-                "spent": round(self.spent, 9), "budget_left": self.budget_left(),
-                "in_flight": self.in_flight, "unusable": self.unusable() or None}
-
-
 def _url(scheme: str, address: str, port: int) -> str:
     host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
     return f"{scheme}://{host}:{port}"
@@ -337,8 +170,11 @@ class Registry:
                  on_eject: Callable[[str], None] = lambda name: None,
                  on_change: Callable[[], None] = lambda: None,
                  resolver: Resolver | None = None,
-                 on_added: Callable[[str], None] = lambda name: None) -> None:
+                 on_added: Callable[[str], None] = lambda name: None,
+                 ledger: Ledger | None = None, board: EjectionBoard | None = None) -> None:
         self.config = config
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self.board = board  # ejections shared with the other replicas, if any
         self.sidecars: dict[str, Sidecar] = {}
         self.clouds: dict[str, Cloud] = {}
         self._on_eject = on_eject
@@ -352,11 +188,14 @@ class Registry:
         for spec in config.backends:
             self._add(spec.name, spec.proxy_url, spec.admin_url, spec.parallel, spec.aliases)
         for cloud in config.cloud:
-            self.clouds[cloud.name] = Cloud(cloud, self._breaker(cloud.name))
+            self.clouds[cloud.name] = Cloud(cloud, self._breaker(cloud.name), self.ledger)
             on_added(cloud.name)
 
     def _breaker(self, name: str) -> Breaker:
-        return Breaker(self.config.breaker, on_open=lambda: self._ejected(name), name=name)
+        if self.board is not None:
+            self.board.track(name)
+        return Breaker(self.config.breaker, on_open=lambda: self._ejected(name), name=name,
+                       board=self.board)
 
     def _ejected(self, name: str) -> None:
         log.warning("backend ejected by the circuit breaker", backend=name)

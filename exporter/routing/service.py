@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from exporter import __version__, runtime
 from exporter.config import HostPort
@@ -30,8 +30,11 @@ from exporter.relay.proxy import Proxy, ProxySettings
 from exporter.routing.accounting import RouterAccounting
 from exporter.routing.config import RouterConfig
 from exporter.routing.decide import Decider, Decision
+from exporter.routing.ledger import Ledger, MemoryLedger
 from exporter.routing.metrics import BackendCollector, RouterMetrics
 from exporter.routing.registry import Registry
+from exporter.routing.shared import RedisLedger
+from exporter.routing.spend import ANY_KEY, KeyLimits
 from exporter.routing.upstream import RoutedUpstream
 from exporter.state import LiveState
 from exporter.telemetry.exposition import metrics_handler
@@ -47,14 +50,20 @@ class Router:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
+        admission = self._admission()
+        self.ledger, board = self._ledger()
         self.backends = Registry(config, on_eject=self._ejected, on_change=self._models_changed,
-                                 on_added=self.metrics.backend_known)
+                                 on_added=self.metrics.backend_known, ledger=self.ledger,
+                                 board=board)
+        self.limits = KeyLimits(config.key_limits, self.ledger)
         for route in config.routes:  # spills start at 0 too, per hybrid route and its cloud
             if route.hybrid is not None and (cloud := config.cloud_for(route.hybrid.heavy)):
                 self.metrics.spills.labels(route.model, cloud.name)
-        self.decider = Decider(config, self.backends)
-        self.registry.register(BackendCollector(self.backends,
-                                                lambda: dict(self.decider.spilling)))
+        self.decider = Decider(config, self.backends, self.limits)
+        self.registry.register(BackendCollector(
+            self.backends, lambda: dict(self.decider.spilling), self.limits,
+            self.keys.names() if self.keys is not None else (),
+            (lambda: board.up) if board is not None else None))
         self.live = LiveState()
         aliases = {r.model for r in config.routes if not any(ch in r.model for ch in "*?[")}
         aliases |= {r.hybrid.light for r in config.routes if r.hybrid is not None}
@@ -65,7 +74,6 @@ class Router:
         pool = UpstreamPool(config.connect_timeout, on_retry=self.request_metrics.retries.inc)
         upstream = RoutedUpstream(self.decider, pool, self.metrics, self.model_names,
                                   config.attempt_timeout)
-        admission = self._admission()
         self.proxy = Proxy(upstream, self.labels, admission, self._observers(),
                            ProxySettings(first_byte_timeout=config.first_byte_timeout,
                                          idle_timeout=config.idle_timeout))
@@ -76,11 +84,27 @@ class Router:
 
     def _admission(self) -> Admission:
         """Client keys, as the sidecar checks them (and strips them before forwarding)."""
-        from exporter.server import api_keys
+        from exporter.server import StartupError, api_keys
 
         self.keys, on_rejected = api_keys(self.config.api_key_file, "api_key_file",
                                           self.registry)
+        names = set(self.keys.names()) if self.keys is not None else set()
+        for name in self.config.key_limits:
+            if name != ANY_KEY and name not in names:
+                raise StartupError(f"key_limits: {name!r} is no key name in api_key_file "
+                                   f"(its names: {', '.join(sorted(names))})")
         return Admission(keys=self.keys, on_rejected=on_rejected)
+
+    def _ledger(self) -> tuple[Ledger, RedisLedger | None]:
+        """Spend and rate limits in memory (one replica), or shared in Redis."""
+        spec = self.config.shared_state
+        if spec is None:
+            return MemoryLedger(), None
+        errors = Counter("llmtap_router_shared_state_errors",
+                         "Calls to the shared state (Redis) that failed", registry=self.registry)
+        shared = RedisLedger(spec.redis_url, spec.prefix, spec.refresh_interval,
+                             on_error=errors.inc)
+        return shared, shared
 
     def _observers(self) -> Observers:
         observers: list[Observer] = [self.live]
@@ -97,6 +121,7 @@ class Router:
     async def start(self) -> None:
         from exporter.server import StartupError, listen_app, warn_if_open
 
+        await self.ledger.start()
         await self.backends.start()
         listen = self.config.listen
         try:
@@ -121,6 +146,7 @@ class Router:
         if self._admin is not None:
             await self._admin.cleanup()
         await self.backends.close()
+        await self.ledger.close()
         if self.tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 

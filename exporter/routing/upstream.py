@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,26 @@ RESIDENCY_HEADER = b"x-llmtap-residency"
 MAX_ATTEMPTS = 3  # first choice + two retries
 MAX_SHOWN_MODEL = 128
 BAD_RESIDENCY = Refusal(400, "invalid_request", "x-llmtap-residency takes local or any")
+# Why a cloud declined a request at the last check (its reservation or rate limit), and what
+# the client is told when nothing else could take it.
+DECLINED = {
+    "budget_exhausted": Refusal(429, "budget_exhausted", "the cloud budget for this period is "
+                                "spent, and no local backend could take the request"),
+    "key_budget_exhausted": Refusal(429, "budget_exhausted", "this API key has spent its "
+                                    "daily cloud budget, and no local backend could take the "
+                                    "request"),
+    "rate_limited": Refusal(429, "rate_limited", "the cloud's rate limit is reached; retry "
+                            "shortly", retry_after=1),
+    "shared_state_down": Refusal(503, "no_backend_available", "the router cannot reach its "
+                                 "shared state to check the cloud budget; retry later",
+                                 retry_after=1),
+}
+
+
+class CloudDeclined(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def residency_local(value: bytes) -> bool | None:
@@ -65,6 +86,15 @@ def _retry_after(headers: Headers, default: float) -> float:
             except ValueError:
                 return default  # an HTTP date: one cooldown is close enough
     return default
+
+
+def _release(target: Target, sent: bool = False) -> None:
+    """Settle a cloud attempt that is not the answer: free, unless the request may have
+    been processed (a timeout, a reset, the client gone): then its prompt, estimated."""
+    if target.cloud is None or target.reservation is None:
+        return
+    cost = target.cloud.cost(target.prompt_tokens, 0) if sent else 0.0
+    target.cloud.ledger.settle(target.reservation, cost)
 
 
 def tries(targets: list[Target]) -> list[Target]:
@@ -126,8 +156,13 @@ class RoutedUpstream:
         residency = residency_local(request.fields.get(RESIDENCY_HEADER, b""))
         if residency is None:
             raise Refused(BAD_RESIDENCY)
+        key = exchange.record.key_name or None
+        if (wait := await self.decider.limits.take(key)) > 0:
+            raise Refused(Refusal(429, "rate_limited", f"API key {key!r} is over its rate "
+                                  f"limit; retry in {wait:.1f} s",
+                                  retry_after=max(1, math.ceil(wait))))
         decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
-                                       residency)
+                                       residency, key, len(exchange.payload or b""))
         exchange.record.route = decision
         if not decision.targets:
             raise Refused(self._refusal(decision, exchange.record.request_model))
@@ -136,6 +171,7 @@ class RoutedUpstream:
     async def _attempts(self, exchange: Exchange, decision: Decision,
                         parsed: dict[str, Any] | None) -> UpstreamResponse:
         failure: UpstreamConnectError | None = None
+        declined = ""
         replayable = exchange.request.body.complete
         targets = tries(decision.targets)
         for i, target in enumerate(targets):
@@ -148,7 +184,15 @@ class RoutedUpstream:
             try:
                 response = await asyncio.wait_for(self._send(target, exchange, parsed),
                                                   None if last else self.attempt_timeout)
+            except CloudDeclined as exc:
+                # Its budget or rate limit said no at the last moment (another replica
+                # spent it): nothing was sent; the next target gets the request.
+                target.finished()
+                declined = declined or exc.reason
+                decision.tried.append(target.backend)
+                continue
             except UpstreamConnectError as exc:
+                _release(target)
                 target.finished()
                 target.breaker.failure(liveness=True)  # unreachable, like a failed poll
                 failure = exc
@@ -160,17 +204,20 @@ class RoutedUpstream:
                 # No answer's head within attempt_timeout: hung, or loading for too long.
                 # Its connection is closed (its sidecar cancels the work); the next one gets
                 # the request. The last attempt keeps the exchange's own first-byte deadline.
+                _release(target, sent=True)
                 target.finished()
                 target.breaker.failure()
                 decision.tried.append(target.backend)
                 self.metrics.retries.labels(target.backend, "timeout").inc()
                 continue
             except BaseException:  # reset (it may have reached the backend), cancelled
+                _release(target, sent=True)
                 target.finished()
                 raise
             if self._retryable(target, response) and not last:
                 # Nothing of this answer was relayed: the next backend gets the request.
                 response.abandon()
+                _release(target)  # an error answer is not billed
                 target.finished()
                 judge(target, response.status, response.headers)
                 decision.tried.append(target.backend)
@@ -178,6 +225,9 @@ class RoutedUpstream:
                 continue
             decision.chosen = target
             return response
+        if failure is None and declined:
+            decision.reason = declined
+            raise Refused(DECLINED[declined])
         if failure is None:  # attempts timed out, and the body cannot be sent again
             raise TimeoutError("no backend answered within attempt_timeout")
         raise failure
@@ -205,7 +255,10 @@ class RoutedUpstream:
             return await self.pool.request(self._origin(target.sidecar.proxy_url), outgoing)
         cloud = target.cloud
         assert cloud is not None and parsed is not None and exchange.endpoint is not None
-        cloud.take()
+        admitted = await cloud.admit(target.max_cost, target.key_budget)
+        if admitted.reservation is None:
+            raise CloudDeclined(admitted.declined)
+        target.reservation = admitted.reservation
         headers: Headers = [(b"Authorization", b"Bearer " + cloud.spec.api_key.encode()),
                             (b"Content-Type", b"application/json")]
         origin = self._origin(cloud.spec.base_url)
@@ -224,6 +277,8 @@ class RoutedUpstream:
             orjson.dumps({**parsed, "model": target.model})))
 
     def _refusal(self, decision: Decision, model: str) -> Refusal:
+        if (declined := DECLINED.get(decision.reason)) is not None:
+            return declined  # only the cloud could serve it, and its budget said no
         shown = model[:MAX_SHOWN_MODEL]
         backends = self.decider.backends
         if not backends.sidecars and not backends.clouds:
