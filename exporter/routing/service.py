@@ -168,6 +168,11 @@ class Router:
         names |= {a for c in self.config.cloud for a in c.models}
         return sorted(names)
 
+    def _keys_left(self) -> dict[str, float | None]:
+        """Each client key's daily cloud budget left (keys with a budget)."""
+        names = self.keys.names() if self.keys is not None else []
+        return {name: self.limits.budget_left(name) for name in self.limits.with_budgets(names)}
+
     def _admin_app(self) -> web.Application:
         async def healthz(request: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
@@ -187,7 +192,8 @@ class Router:
 
         async def state(request: web.Request) -> web.Response:
             body = {"llmtap": {"version": __version__, "role": "router"}, "time": time.time(),
-                    **self.backends.describe(), "spilling": dict(self.decider.spilling)}
+                    **self.backends.describe(), "spilling": dict(self.decider.spilling),
+                    "keys": self._keys_left()}
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
         app = web.Application()

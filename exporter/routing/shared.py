@@ -128,7 +128,7 @@ class RedisLedger:
         self._limited_until: dict[str, float] = {}  # bucket -> monotonic time
         self._ejected_until: dict[str, float] = {}  # backend -> monotonic time
         self._watched: dict[str, Budget] = {}
-        self._boards: list[str] = []  # backends whose ejections are shared
+        self._boards: dict[str, None] = {}  # backends whose ejections are shared (ordered)
         self._pending: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self.up = False
@@ -243,7 +243,7 @@ class RedisLedger:
     # ------------------------------------------------------------------ ejections
 
     def track(self, backend: str) -> None:
-        self._boards.append(backend)
+        self._boards[backend] = None
 
     def ejected(self, backend: str, seconds: float, by: str) -> None:
         """Tell the other replicas: `backend` is out for `seconds`."""
