@@ -616,3 +616,28 @@ def test_no_local_only_request_ever_reaches_a_cloud(monkeypatch: pytest.MonkeyPa
             assert all(t.cloud is None for t in tries(decision.targets))
 
     decide()
+
+
+def test_a_final_cloud_429_cools_down_for_its_retry_after() -> None:
+    """The last attempt's 429 is relayed to the client; the accounting still reads its
+    Retry-After (it saw no headers before, and used one default cooldown)."""
+    from prometheus_client import CollectorRegistry
+
+    from exporter.record import RequestRecord
+    from exporter.routing.accounting import RouterAccounting
+    from exporter.routing.decide import Decision, Target
+    from exporter.routing.metrics import RouterMetrics
+
+    clock = Clock()
+    spec = CloudSpec(name="c", base_url="http://127.0.0.1:9", api_key_env="NONE",
+                     models={"m": "m"})
+    cloud = Cloud(spec, Breaker(BreakerSpec(cooldown=1.0), clock), MemoryLedger())
+    target = Target("c", "m", cloud=cloud, answer_headers=[(b"retry-after", b"30")])
+    target.started()
+    record = RequestRecord("POST", "/v1/chat/completions", 0.0)
+    record.status = 429
+    record.route = Decision("m", "expected_wait", "cloud_model", targets=[target],
+                            chosen=target)
+    RouterAccounting(RouterMetrics(CollectorRegistry()), access_log=False).finished(record)
+    assert cloud.breaker.state == OPEN and cloud.breaker.cooldown == 30.0
+    assert cloud.in_flight == 0

@@ -57,7 +57,7 @@ class RouterAccounting(Observer):
         elif record.outcome in (Outcome.CANCELLED, Outcome.CLIENT_TIMEOUT):
             chosen.breaker.released()  # the client left: the probe proved nothing
         else:
-            judge(chosen, record.status, [])  # (Retry-After was the relay's to pass on)
+            judge(chosen, record.status, chosen.answer_headers)
         if ttft is not None:
             self.metrics.actual_ttft.labels(chosen.backend).observe(ttft)
             if chosen.estimate is not None and not math.isinf(chosen.estimate):

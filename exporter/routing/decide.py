@@ -19,6 +19,7 @@ import structlog
 
 from exporter.events import RequestInfo
 from exporter.protocols import Endpoint
+from exporter.relay.http1 import Headers
 from exporter.routing.classifier import (
     HEAVY,
     LIGHT,
@@ -50,6 +51,7 @@ class Target:
     prompt_tokens: int = 0  # estimated (~4 characters a token), for what an abandoned try cost
     key_budget: Budget | None = None
     reservation: Reservation | None = None
+    answer_headers: Headers = field(default_factory=list)  # the chosen answer's head
 
     def started(self) -> None:
         if self.sidecar is not None:

@@ -224,6 +224,7 @@ class RoutedUpstream:
                 self.metrics.retries.labels(target.backend, "busy").inc()
                 continue
             decision.chosen = target
+            target.answer_headers = response.headers  # a final 429's Retry-After, for judge
             return response
         if failure is None and declined:
             decision.reason = declined
