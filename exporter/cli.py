@@ -1,4 +1,4 @@
-"""`llmtap serve | route | simulate | demo`: the command line."""
+"""`llmtap serve | route | simulate | demo | top | ...`: the command line."""
 
 from __future__ import annotations
 
@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="router YAML file: listen addresses, backends, cloud, routes")
 
     from exporter.gpu import add_gpu_command
+    from exporter.top import add_top_command
 
     add_gpu_command(commands)
+    add_top_command(commands)
     key = commands.add_parser(
         "key", help="make an API key and the line to put in --api-key-file",
         description="Print a new random API key (give it to the client) and the line for "
@@ -190,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             secret = new_key()
             print(f"key (give it to the client; it is not stored anywhere): {secret}")
             print(f"line for --api-key-file: {key_file_line(args.name, secret)}")
+        elif args.command == "top":
+            from exporter.top import run_top_command
+
+            return run_top_command(args)
         elif args.command == "gpu":
             from exporter.gpu import run_gpu_command
 

@@ -99,6 +99,7 @@ async def run_demo(listen: HostPort, admin: HostPort, count: int, exit_after: bo
         print(_summary(sidecar))
         print()
         print("where to look:")
+        print(f"  live, in another terminal:  llmtap top {metrics}")
         print(f"  curl -s {metrics}/metrics | grep -E '^(gen_ai|llmtap)_'")
         print(f"  curl -s {metrics}/llmtap/v1/state")
         print(f"  send your own:  curl -s {proxy}/api/chat -d "

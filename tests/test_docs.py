@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.config import OPTIONS
-from tests.helpers import Llmtap, LlmtapRouter, Metrics, Simulator, catalogued_names
+from tests.helpers import (
+    Llmtap,
+    LlmtapRouter,
+    Metrics,
+    RedisServer,
+    Simulator,
+    catalogued_names,
+)
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 README = (ROOT_DIR / "README.md").read_text()
@@ -59,7 +66,9 @@ def test_operations_page_cites_tests_that_exist() -> None:
 
 
 def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llmtap,
-                                                    llama_tap: Llmtap) -> None:
+                                                    llama_tap: Llmtap,
+                                                    redis_server: RedisServer,
+                                                    tmp_path: Path) -> None:
     """The reverse of the check above: every name in the README's catalogue (which dashboards
     and alert rules are checked against) is in a live registry. GPU series come from the
     sampler over the fake NVML, the span counter from a Tracing instance, the router's from
@@ -81,7 +90,8 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
                                     timeout=60) as resp:  # so request series exist
             resp.read()
     exported: set[str] = set()
-    texts = [sim_tap.metrics().text, llama_tap.metrics().text, _router_metrics(sim, sim_tap)]
+    texts = [sim_tap.metrics().text, llama_tap.metrics().text,
+             _router_metrics(sim, sim_tap, redis_server, tmp_path)]
     registry = CollectorRegistry()
     sampler = GpuSampler(nvml=FakeNvml(two_gpus()))
     sampler.latest = sampler.sample_once()
@@ -145,12 +155,19 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
     assert not unknown, f"dashboards or rules use labels llmtap does not export: {unknown}"
 
 
-def _router_metrics(sim: Simulator, sim_tap: Llmtap) -> str:
-    """A router's scrape after one light (local) and one heavy (cloud) request."""
+def _router_metrics(sim: Simulator, sim_tap: Llmtap, redis_server: RedisServer,
+                   tmp_path: Path) -> str:
+    """A router's scrape after one light (local) and one heavy (cloud) request, with client
+    keys and their limits, its state shared in Redis."""
     import urllib.request
 
+    from exporter.auth import key_file_line, new_key
+
+    key = new_key()
+    (tmp_path / "keys").write_text(key_file_line("docs", key) + "\n")
     config = (
-        "allow_unauthenticated_cloud: true\n"
+        f"api_key_file: {tmp_path / 'keys'}\nkey_limits: {{'*': {{budget: 10}}}}\n"
+        f"shared_state: {{redis_url: '{redis_server.url}', prefix: docs}}\n"
         f"backends: [{{name: local, proxy_url: '{sim_tap.url}', admin_url: '{sim_tap.admin}'}}]\n"
         f"cloud: [{{name: cloud, base_url: '{sim.url}/v1', api_key_env: DOCS_CLOUD_KEY,\n"
         "          models: {auto-heavy: sim-large}, budget: 100}]\n"
@@ -161,7 +178,8 @@ def _router_metrics(sim: Simulator, sim_tap: Llmtap) -> str:
             body = b'{"model":"auto","messages":[{"role":"user","content":"%s"}]}' % \
                 text.encode()
             with urllib.request.urlopen(urllib.request.Request(
-                    router.url + "/v1/chat/completions", data=body), timeout=30) as resp:
+                    router.url + "/v1/chat/completions", data=body,
+                    headers={"Authorization": f"Bearer {key}"}), timeout=30) as resp:
                 resp.read()
         return router.metrics().text
     finally:
