@@ -32,6 +32,20 @@ def quantile(q: float, histogram: str, by: str = "", selector: str = MSEL) -> st
     return f"histogram_quantile({q}, sum by ({group}) ({rate(histogram + '_bucket', selector)}))"
 
 
+def tokens_rate(kind: str, by: str = "gen_ai_request_model") -> str:
+    """Tokens per second of one kind (input, output, reasoning), under either version of the
+    GenAI conventions llmtap can export (OTEL_SEMCONV_STABILITY_OPT_IN): v1.41's histogram
+    sum (llmtap's counter for reasoning), or semantic-conventions-genai's usage counter."""
+    if kind == "reasoning":
+        v141 = rate("llmtap_reasoning_output_tokens_total")
+    else:
+        v141 = rate("gen_ai_client_token_usage_sum", MSEL + f', gen_ai_token_type="{kind}"')
+    latest = rate(f"gen_ai_client_inference_usage_{kind}_tokens_total".replace(
+        "reasoning_tokens", "reasoning_output_tokens"))
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} ({v141}) or sum{grouping} ({latest})"
+
+
 def mean(histogram: str, by: str = "") -> str:
     grouping = f" by ({by})" if by else ""
     return (f"sum{grouping} ({rate(histogram + '_sum')}) / "
@@ -158,9 +172,8 @@ def overview() -> dict[str, Any]:
     panels = [
         stat(lay, "Requests/s", "Requests answered per second, all outcomes.", "reqps",
              requests),
-        stat(lay, "Output tokens/s", "Generated tokens per second (server-reported counts).",
-             "none", "sum(" + rate("gen_ai_client_token_usage_sum",
-                                   MSEL + ', gen_ai_token_type="output"') + ")"),
+        stat(lay, "Output tokens/s", "Generated tokens per second (server-reported counts), "
+             "reasoning included.", "none", tokens_rate("output", by="")),
         stat(lay, "Error ratio", "Share of requests that failed (client cancels excluded).",
              "percentunit", f"{errors} / clamp_min({requests}, 1e-9)",
              [("green", None), ("orange", 0.01), ("red", 0.05)]),
@@ -180,10 +193,14 @@ def overview() -> dict[str, Any]:
              [("green", None), ("orange", 1)]),
         lay.row("Latency"),
         latency(lay, "Time to first token", "Arrival at llmtap to the first non-empty token "
-                "relayed; click an exemplar to open its trace.",
-                "gen_ai_server_time_to_first_token_seconds"),
+                "relayed, a reasoning model's first thinking token included; click an exemplar "
+                "to open its trace.", "gen_ai_server_time_to_first_token_seconds"),
         heatmap(lay, "TTFT distribution", "Time to first token, all models.",
                 "gen_ai_server_time_to_first_token_seconds"),
+        latency(lay, "Time to first answer token", "Arrival at llmtap to the first token of "
+                "the answer, after any reasoning: what a user of a reasoning model waits for "
+                "(the same as TTFT for a model that does not reason).",
+                "llmtap_time_to_first_answer_token_seconds"),
         latency(lay, "Time per output token", "(last token - first token) / (output tokens - "
                 "1), streamed answers.", "gen_ai_server_time_per_output_token_seconds"),
         latency(lay, "Request duration", "Arrival to the end of the answer, all outcomes.",
@@ -198,11 +215,10 @@ def overview() -> dict[str, Any]:
               [target(mean("llmtap_model_load_duration_seconds", "gen_ai_request_model"),
                       "mean load {{gen_ai_request_model}}")], width=12),
         lay.row("Throughput"),
-        panel(lay, "timeseries", "Tokens/s by model", "Input and output tokens per second, "
-              "as the server reported them.", "none",
-              [target("sum by (gen_ai_request_model, gen_ai_token_type) ("
-                      + rate("gen_ai_client_token_usage_sum") + ")",
-                      "{{gen_ai_token_type}} {{gen_ai_request_model}}")], width=12),
+        panel(lay, "timeseries", "Tokens/s by model", "Input, output and reasoning (a part of "
+              "the output) tokens per second, as the server reported them.", "none",
+              [target(tokens_rate(kind), f"{kind} {{{{gen_ai_request_model}}}}")
+               for kind in ("input", "output", "reasoning")], width=12),
         panel(lay, "timeseries", "Requests/s by model and operation", "Answered requests "
               "per second.", "reqps",
               [target("sum by (gen_ai_request_model, gen_ai_operation_name) ("

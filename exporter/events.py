@@ -33,7 +33,14 @@ class RequestInfo:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A frame carrying generated content (text, reasoning or a tool call)."""
+    """A frame carrying generated content: answer (text, a tool call), reasoning, or both.
+
+    Reasoning is what the server marks as the model's thinking: Ollama's `thinking`, the
+    OpenAI dialect's `reasoning_content` (llama-server, vLLM, DeepSeek) or `reasoning`
+    (Ollama's /v1). Everything else a client is shown is the answer."""
+
+    answer: bool = True
+    reasoning: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,7 @@ class Usage:
     output_tokens: int | None
     cached_input_tokens: int | None = None
     source: int = FROM_USAGE
+    reasoning_output_tokens: int | None = None  # part of output_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +95,18 @@ class NotAnObject:
 Event = Token | Answered | Usage | ServerTimings | Finished | UpstreamError | NotAnObject
 
 TOKEN = Token()
+REASONING = Token(answer=False, reasoning=True)
+REASONING_AND_ANSWER = Token(answer=True, reasoning=True)  # a frame with both (Ollama can)
 UPSTREAM_ERROR = UpstreamError()
 NOT_AN_OBJECT = NotAnObject()
 NO_EVENTS: tuple[Event, ...] = ()
 JUST_A_TOKEN: tuple[Event, ...] = (TOKEN,)
+JUST_REASONING: tuple[Event, ...] = (REASONING,)
+JUST_BOTH: tuple[Event, ...] = (REASONING_AND_ANSWER,)
+
+# What a frame carries, as bits the dialects OR together (several choices, several fields).
+ANSWER_BIT = 1
+REASONING_BIT = 2
+TOKEN_BY_BITS: tuple[Token | None, ...] = (None, TOKEN, REASONING, REASONING_AND_ANSWER)
+JUST_BY_BITS: tuple[tuple[Event, ...], ...] = (NO_EVENTS, JUST_A_TOKEN, JUST_REASONING,
+                                               JUST_BOTH)

@@ -51,7 +51,9 @@ class RequestRecord:
         "end",
         "finish_reasons",
         "finished_at",
+        "first_answer_token",
         "first_byte",
+        "first_reasoning_token",
         "first_token",
         "input_source",
         "input_tokens",
@@ -68,6 +70,8 @@ class RequestRecord:
         "overhead",
         "path",
         "provider",
+        "reasoning_chunks",
+        "reasoning_tokens",
         "request_info",
         "request_model",
         "response_id",
@@ -93,7 +97,9 @@ class RequestRecord:
         self.dispatched: float | None = None  # llmtap's own pre-work done, upstream call starts
         self.upstream_sent: float | None = None  # upstream accepted the request (headers back)
         self.first_byte: float | None = None
-        self.first_token: float | None = None
+        self.first_token: float | None = None  # first token of any kind, reasoning included
+        self.first_reasoning_token: float | None = None
+        self.first_answer_token: float | None = None  # never before first_reasoning_token
         self.last_token: float | None = None
         self.finished_at: float | None = None  # the frame saying why the answer ended
         self.end: float | None = None
@@ -114,6 +120,8 @@ class RequestRecord:
         self.input_source = 0  # how trustworthy the count is (events.FROM_*)
         self.output_source = 0
         self.token_chunks = 0  # non-empty content frames seen (fallback count)
+        self.reasoning_tokens: int | None = None  # as reported by the server (part of output)
+        self.reasoning_chunks = 0  # frames carrying reasoning (the fallback count)
         self.unparseable = 0  # frames the observer could not parse
         self.finish_reasons: list[str] = []
         self.response_id = ""
@@ -153,9 +161,46 @@ class RequestRecord:
 
     @property
     def ttft(self) -> float | None:
+        """To the first token of any kind: for a reasoning model, its first thinking token
+        (what gen_ai.server.time_to_first_token measures: queue and prefill)."""
         if self.first_token is None:
             return None
         return self.first_token - self.arrival
+
+    @property
+    def time_to_first_answer(self) -> float | None:
+        """To the first answer token: what a user of a reasoning model waits for. Equal to
+        ttft when there was no reasoning; None when the answer never began (a length cut
+        inside the thinking)."""
+        if self.first_answer_token is None:
+            return None
+        return self.first_answer_token - self.arrival
+
+    @property
+    def time_to_first_reasoning(self) -> float | None:
+        if self.first_reasoning_token is None:
+            return None
+        return self.first_reasoning_token - self.arrival
+
+    @property
+    def reasoning_output_tokens(self) -> int | None:
+        """Reasoning tokens (a part of the output): the server's count where it reports one
+        (OpenAI `completion_tokens_details.reasoning_tokens`), else llmtap's count of
+        reasoning frames in a stream (Ollama and llama-server report none). Never more than
+        the output tokens."""
+        if self.reasoning_tokens is not None:
+            count = self.reasoning_tokens
+        elif self.stream and self.reasoning_chunks:
+            count = self.reasoning_chunks
+        else:
+            return None
+        output = self.output_token_count
+        return count if output is None else min(count, output)
+
+    @property
+    def reasoning_counted(self) -> bool:
+        """The reasoning count is llmtap's (frames), not the server's."""
+        return self.reasoning_tokens is None and self.reasoning_output_tokens is not None
 
     @property
     def tpot(self) -> float | None:
@@ -216,10 +261,7 @@ class RequestRecord:
 def apply(record: RequestRecord, event: Event, now: float) -> None:
     """The accumulator: what one event of the answer means for the record."""
     if type(event) is Token:
-        if record.first_token is None:
-            record.first_token = now
-        record.last_token = now
-        record.token_chunks += 1
+        token(record, event, now)
     elif type(event) is Usage:
         _usage(record, event)
     elif type(event) is Answered:
@@ -237,6 +279,24 @@ def apply(record: RequestRecord, event: Event, now: float) -> None:
         record.unparseable += 1
 
 
+def token(record: RequestRecord, event: Token, now: float) -> None:
+    """A frame of generated content: a timestamp or two and counters, nothing allocated."""
+    if record.first_token is None:
+        record.first_token = now
+    record.last_token = now
+    record.token_chunks += 1
+    if event.reasoning:
+        record.reasoning_chunks += 1
+        if record.first_reasoning_token is None:
+            record.first_reasoning_token = now
+            # Answer text before any reasoning (a newline some templates emit first) is not
+            # the answer the user waits for: that comes with or after the thinking. So the
+            # answer's time is never earlier than the reasoning's.
+            record.first_answer_token = None
+    if event.answer and record.first_answer_token is None:
+        record.first_answer_token = now
+
+
 def _usage(record: RequestRecord, usage: Usage) -> None:
     """Counts from a more trusted source win; a later report of the same source updates."""
     if usage.input_tokens is not None and usage.source >= record.input_source:
@@ -245,6 +305,8 @@ def _usage(record: RequestRecord, usage: Usage) -> None:
     if usage.output_tokens is not None and usage.source >= record.output_source:
         record.output_tokens = usage.output_tokens
         record.output_source = usage.source
+    if usage.reasoning_output_tokens is not None:
+        record.reasoning_tokens = usage.reasoning_output_tokens
     if usage.cached_input_tokens is not None and (
             usage.source > FROM_TIMINGS or record.cached_input_tokens is None):
         record.cached_input_tokens = usage.cached_input_tokens

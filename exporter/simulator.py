@@ -15,6 +15,12 @@ Frames follow the real servers' source, not their docs:
   `json.Encoder` answers (`application/json`, trailing newline).
 - llama.cpp's llama-server (`tools/server/server-task.cpp`), pinned against frames captured
   from the real server in tests/test_simulator.py.
+- Thinking: a request that asks to think (Ollama's `think`, the OpenAI dialect's
+  `reasoning_effort` on chat) gets the first half of its tokens as reasoning, in the frames
+  the real servers send for it (Ollama 0.34.4 `thinking` and `/v1` `reasoning`, llama-server
+  b11434 `reasoning_content`; captured in tests/test_simulator.py, checked live in
+  tests/test_ollama.py and tests/test_relay_llamacpp.py). Native /completion never thinks: the
+  real one parses no reasoning there.
 
 Scheduling mimics Ollama's: `parallel` requests run at once per model, the rest wait FIFO (up
 to `max_queue`, then HTTP 503), a model that is not resident is loaded first (`cold_load`),
@@ -443,10 +449,16 @@ class _Plan:
     t_last: float = 0.0
     load_jitter_ns: int = 0  # seeded runs report this as load_duration
     slot: int = 0  # llama.cpp's id_slot
+    thinking: int = 0  # the first `thinking` pieces are reasoning (the request asked to think)
 
     @property
     def text(self) -> str:
-        return "".join(_VOCAB[i] for i in self.pieces)
+        """The answer (what follows any reasoning)."""
+        return "".join(_VOCAB[i] for i in self.pieces[self.thinking:])
+
+    @property
+    def thinking_text(self) -> str:
+        return "".join(_VOCAB[i] for i in self.pieces[: self.thinking])
 
 
 @dataclass(slots=True)
@@ -479,6 +491,10 @@ class _Framer:
         return None
 
     def token(self, piece: int, ts_ns: int) -> bytes:
+        raise NotImplementedError
+
+    def reasoning(self, piece: int, ts_ns: int) -> bytes:
+        """A frame of the model's thinking (only dialects that can ask for it get any)."""
         raise NotImplementedError
 
     def closing(self, t: _Timings) -> bytes:
@@ -519,6 +535,7 @@ class _Simulator:
         prompt_text: str,
         limit: int | None,
         keep_alive: float | None = None,
+        think: bool = False,
     ) -> _Plan:
         rng = self.rng_for(name, prompt_text, limit)
         n = self.cfg.output_tokens
@@ -539,6 +556,10 @@ class _Simulator:
             seeded=self.cfg.seed is not None,
             keep_alive=keep_alive,
             load_jitter_ns=1_000_000 + rng.randrange(4_000_000),
+            # A model asked to think spends the first half of its tokens on it (rounded up:
+            # a one-token answer is all thinking, as a length cut mid-thought is), and the
+            # length limit counts them, as Ollama's num_predict and max_tokens do.
+            thinking=(n + 1) // 2 if think else 0,
         )
 
     # -- clocks
@@ -632,12 +653,12 @@ class _Simulator:
         first_due = plan.t_loaded + self.cfg.ttft
         dt = self.dt
         chunk_ns = self.chunk_ns
-        token = framer.token
+        token, reasoning, thinking = framer.token, framer.reasoning, plan.thinking
         for i, piece in enumerate(plan.pieces):
             delay = first_due + i * dt - loop.time()
             # sleep(0) when behind schedule still lets other streams run between tokens.
             await asyncio.sleep(delay if delay > 0 else 0)
-            frame = token(piece, chunk_ns(plan, i))
+            frame = (reasoning if i < thinking else token)(piece, chunk_ns(plan, i))
             now = loop.time()
             if i == 0:
                 plan.t_first = now
@@ -703,19 +724,32 @@ class _OllamaFramer(_Framer):
         else:
             self._mid = b'","response":'
             self._tail = b',"done":false}\n'
+        # Thinking frames (0.34.4, captured: tests/test_ollama.py): the answer field is there
+        # and empty, `thinking` follows it (struct order; omitempty drops it elsewhere).
+        self._think_mid = self._mid + b'"","thinking":'
 
     def token(self, piece: int, ts_ns: int) -> bytes:
         return self._head + _go_time(ts_ns).encode() + self._mid + _VOCAB_JSON[piece] + self._tail
 
-    def _final(self, t: _Timings, text: str) -> dict[str, Any]:
+    def reasoning(self, piece: int, ts_ns: int) -> bytes:
+        return (self._head + _go_time(ts_ns).encode() + self._think_mid + _VOCAB_JSON[piece]
+                + self._tail)
+
+    def _final(self, t: _Timings, text: str, thinking: str = "") -> dict[str, Any]:
+        """The last line; a whole answer's carries its thinking beside the answer (a
+        stream's has none: each frame had its own)."""
         p = self.plan
         obj: dict[str, Any] = {"model": p.name, "created_at": _go_time(t.end_ns)}
         if self.chat:
             obj["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                obj["message"]["thinking"] = thinking
             obj["done"] = True
             obj["done_reason"] = p.reason
         else:
             obj["response"] = text
+            if thinking:
+                obj["thinking"] = thinking
             obj["done"] = True
             obj["done_reason"] = p.reason
             if not self.raw:
@@ -730,7 +764,7 @@ class _OllamaFramer(_Framer):
         return _go_json(self._final(t, "")) + b"\n"
 
     def whole(self, t: _Timings) -> web.Response:
-        return _gin(self._final(t, self.plan.text))
+        return _gin(self._final(t, self.plan.text, self.plan.thinking_text))
 
     def busy(self) -> web.Response:
         return _ollama_error(503, _OLLAMA_BUSY)
@@ -813,6 +847,15 @@ class _OpenAIChatFramer(_OpenAIFramer):
             self._created = ts_ns // _NS
         return self._head + str(self._created).encode() + mid + _VOCAB_JSON[piece] + self._tail
 
+    def reasoning(self, piece: int, ts_ns: int) -> bytes:
+        """0.34.4, captured (tests/test_ollama.py): `"content":""` stays, `reasoning` after
+        it; the role on the stream's first chunk as for content."""
+        mid = self._mid if self._created is None else self._later_mid
+        if self._created is None:
+            self._created = ts_ns // _NS
+        return (self._head + str(self._created).encode() + mid + b'"","reasoning":'
+                + _VOCAB_JSON[piece] + self._tail)
+
     def _chunk(self, created: int, choices: list[Any], usage: dict[str, int] | None) -> bytes:
         obj: dict[str, Any] = {
             "id": self.id,
@@ -838,6 +881,8 @@ class _OpenAIChatFramer(_OpenAIFramer):
     def whole(self, t: _Timings) -> web.Response:
         p = self.plan
         message = {"role": "assistant", "content": p.text}
+        if p.thinking:
+            message["reasoning"] = p.thinking_text
         obj = {
             "id": self.id,
             "object": "chat.completion",
@@ -1161,9 +1206,17 @@ class _LlamaOAIChatFramer(_LlamaBase):
         )
 
     def token(self, piece: int, ts_ns: int) -> bytes:
+        return self._frame(b"content", piece, ts_ns)
+
+    def reasoning(self, piece: int, ts_ns: int) -> bytes:
+        """`--reasoning-format deepseek` (b11434, captured: tests/test_relay_llamacpp.py): the
+        thinking in `reasoning_content` deltas with no `content` key."""
+        return self._frame(b"reasoning_content", piece, ts_ns)
+
+    def _frame(self, field: bytes, piece: int, ts_ns: int) -> bytes:
         created = str(ts_ns // _NS).encode()
         frame = (
-            b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":'
+            b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"' + field + b'":'
             + _VOCAB_JSON[piece]
             + self._mid
             + created
@@ -1208,7 +1261,7 @@ class _LlamaOAIChatFramer(_LlamaBase):
                     {
                         "finish_reason": p.reason,
                         "index": 0,
-                        "message": {"role": "assistant", "content": p.text},
+                        "message": self._message(),
                     }
                 ],
                 "created": t.end_ns // _NS,
@@ -1220,6 +1273,13 @@ class _LlamaOAIChatFramer(_LlamaBase):
                 "timings": self.timings(t),
             }
         )
+
+
+    def _message(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": self.plan.text}
+        if self.plan.thinking:  # after the content, as b11434 writes it
+            message["reasoning_content"] = self.plan.thinking_text
+        return message
 
 
 class _LlamaOAICompletionFramer(_LlamaOAIChatFramer):
@@ -1400,9 +1460,27 @@ async def _ollama_infer(request: web.Request, chat: bool) -> web.StreamResponse:
     raw = req.get("options")
     options = raw if isinstance(raw, dict) else {}
     limit = _positive_int(options.get("num_predict"))
-    plan = sim.plan(m, name, text, limit, keep_alive)
+    plan = sim.plan(m, name, text, limit, keep_alive, think=_asks_to_think(req))
     framer = _OllamaFramer(sim, plan, chat=chat, raw=bool(req.get("raw")))
     return await sim.run(request, plan, framer, stream=req.get("stream") is not False)
+
+
+_THINK_LEVELS = ("low", "medium", "high", "max")
+
+
+def _asks_to_think(req: dict[str, Any]) -> bool:
+    """The request asks a thinking model to think: Ollama's `think` (true or a level), the
+    OpenAI dialect's `reasoning_effort` (or Ollama's `reasoning.effort`) other than "none".
+    (A real thinking model also thinks when the request says nothing; the simulator's models
+    think only when asked, so that the answers of every other test stay as they were.)"""
+    think = req.get("think")
+    if think is True or think in _THINK_LEVELS:
+        return True
+    effort = req.get("reasoning_effort")
+    reasoning = req.get("reasoning")
+    if effort is None and isinstance(reasoning, dict):
+        effort = reasoning.get("effort")
+    return isinstance(effort, str) and effort != "none"
 
 
 async def _ollama_load_unload(
@@ -1666,7 +1744,7 @@ async def _openai_infer(request: web.Request, chat: bool) -> web.StreamResponse:
         m = found
     assert isinstance(name, str)
     limit = _positive_int(req.get("max_tokens")) or _positive_int(req.get("max_completion_tokens"))
-    plan = sim.plan(m, name, text, limit)
+    plan = sim.plan(m, name, text, limit, think=chat and _asks_to_think(req))
     so = req.get("stream_options")
     include_usage = isinstance(so, dict) and so.get("include_usage") is True
     framer: _Framer

@@ -71,7 +71,8 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
                                                     tmp_path: Path) -> None:
     """The reverse of the check above: every name in the README's catalogue (which dashboards
     and alert rules are checked against) is in a live registry. GPU series come from the
-    sampler over the fake NVML, the span counter from a Tracing instance, the router's from
+    sampler over the fake NVML, the span counter from a Tracing instance, the names of the
+    GenAI conventions' latest version from a sidecar opted in to them, the router's from
     `llmtap route` over the simulator's sidecar (with the simulator as its cloud); the
     vLLM-only KV cache gauge from the vLLM mapping test's upstream is named below."""
     import re
@@ -91,7 +92,7 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
             resp.read()
     exported: set[str] = set()
     texts = [sim_tap.metrics().text, llama_tap.metrics().text,
-             _router_metrics(sim, sim_tap, redis_server, tmp_path)]
+             _router_metrics(sim, sim_tap, redis_server, tmp_path), _latest_metrics(sim)]
     registry = CollectorRegistry()
     sampler = GpuSampler(nvml=FakeNvml(two_gpus()))
     sampler.latest = sampler.sample_once()
@@ -153,6 +154,24 @@ def test_every_catalogued_metric_is_really_exported(sim: Simulator, sim_tap: Llm
             used.add(label_values)
     unknown = used - known_labels
     assert not unknown, f"dashboards or rules use labels llmtap does not export: {unknown}"
+
+
+def _latest_metrics(sim: Simulator) -> str:
+    """A sidecar on the GenAI conventions' latest names (OTEL_SEMCONV_STABILITY_OPT_IN) after
+    a chat that thinks and an embedding."""
+    import urllib.request
+
+    tap = Llmtap(sim.url, env={"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental"})
+    try:
+        for path, body in (("/api/chat", b'{"model":"sim-small","think":true,'
+                           b'"messages":[{"role":"user","content":"hi"}]}'),
+                           ("/api/embed", b'{"model":"sim-small","input":"x"}')):
+            with urllib.request.urlopen(urllib.request.Request(tap.url + path, data=body),
+                                        timeout=30) as resp:
+                resp.read()
+        return tap.metrics().text
+    finally:
+        tap.stop()
 
 
 def _router_metrics(sim: Simulator, sim_tap: Llmtap, redis_server: RedisServer,

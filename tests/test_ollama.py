@@ -358,3 +358,82 @@ async def test_nothing_llmtap_polls_keeps_or_shows_prompt_text(tap: Llmtap) -> N
     exposed.append(tap.log.read_text())
     for text in exposed:
         assert secret not in text and "Repeat after me" not in text
+
+
+# A Modelfile TEMPLATE that renders each turn's `.Thinking` between <think> tags and opens the
+# assistant's turn with <think>: Ollama infers the tags from it (thinking/template.go
+# InferTags), lists the model as able to think, and parses its output into `thinking` and
+# `content`. SmolLM2, shown one such turn, reasons in that form.
+THINK_TEMPLATE = (
+    '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ if .Thinking }}<think>\n{{ .Thinking }}\n'
+    "</think>\n\n{{ end }}{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n<think>\n"
+)
+THINK_MODEL = "smolthink:latest"
+THINK_CHAT = [{"role": "user", "content": "What is 2+2?"},
+              {"role": "assistant", "thinking": "The user asks 2+2. That is 4.", "content": "4"},
+              {"role": "user", "content": "What is 3+3?"}]
+
+
+def create_thinking_model(ollama: Ollama) -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from tests.helpers import llama_server_paths
+
+    modelfile = Path(ollama.models_dir) / "Modelfile.think"
+    modelfile.write_text(f'FROM {llama_server_paths()[1]}\nTEMPLATE """{THINK_TEMPLATE}"""\n'
+                         "PARAMETER temperature 0\n")
+    done = subprocess.run([ollama.binary, "create", THINK_MODEL, "-f", str(modelfile)],
+                          env={**os.environ, **ollama.env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_a_thinking_model_is_timed_apart_from_its_answer(ollama: Ollama, tap: Llmtap,
+                                                               sim: Any) -> None:
+    """Ollama 0.34.4 with a model that thinks: what it sends, pinned (thinking frames with
+    `"content":""`, then the answer; `reasoning` deltas on /v1; eval_count and usage include
+    the thinking and count none of it apart), the simulator's thinking frames shaped the same,
+    and llmtap's two first-token times and counted reasoning tokens."""
+    from tests.test_simulator import (
+        OLLAMA_REASONING_V1_FIRST,
+        OLLAMA_THINKING_CHAT,
+        OLLAMA_THINKING_GENERATE,
+    )
+
+    create_thinking_model(ollama)
+    try:
+        assert await until(lambda: tap.metrics().value(
+            "llmtap_model_info", gen_ai_request_model=THINK_MODEL), within=10)
+        before = tap.settled_lines()
+        body = {"model": THINK_MODEL, "messages": THINK_CHAT, "think": True,
+                "options": {"num_predict": 40}}
+        _, lines = await post(tap.url, "/api/chat", body)
+        thinking = [x for x in lines[:-1] if x["message"].get("thinking")]
+        answer = [x for x in lines[:-1] if x["message"]["content"]]
+        assert thinking and answer, lines
+        assert lines.index(thinking[-1]) < lines.index(answer[0])  # all thinking first
+        assert all(x["message"]["content"] == "" for x in thinking)
+        assert shape(thinking[0]) == shape(orjson.loads(OLLAMA_THINKING_CHAT))
+        sim_lines = await frames(sim.url, "/api/chat", {**body, "model": "sim-small"})
+        assert sim_lines[1] == shape(thinking[0])
+        line = (await until(lambda: tap.json_lines("request")[before:], within=10))[0]
+        assert line["model_label"] == THINK_MODEL
+        assert line["ttft_ms"] < line["ttfa_ms"]
+        assert (line["tokens_reasoning"], line["tokens_reasoning_counted"]) == (len(thinking),
+                                                                              True)
+        assert line["tokens_out"] == lines[-1]["eval_count"]  # the thinking included
+
+        v1 = await frames(ollama.url, "/v1/chat/completions", {
+            "model": THINK_MODEL, "stream": True, "max_tokens": 8, "messages": [
+                {"role": "user", "content": "What is 3+3?"}]})
+        assert v1[1] == shape(orjson.loads(OLLAMA_REASONING_V1_FIRST))
+        generate = await frames(ollama.url, "/api/generate", {
+            "model": THINK_MODEL, "prompt": "What is 3+3?", "think": True,
+            "options": {"num_predict": 4}})
+        assert shape(orjson.loads(OLLAMA_THINKING_GENERATE)) in generate[1:3]
+    finally:
+        async with aiohttp.ClientSession() as session, session.delete(
+                ollama.url + "/api/delete", json={"model": THINK_MODEL}) as resp:
+            assert resp.status == 200

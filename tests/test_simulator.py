@@ -137,6 +137,37 @@ LLAMA_PROPS = (
     '"cors_proxy_enabled":false}'
 )
 
+# Reasoning (thinking) frames, captured 2026-12-01 from the real servers running SmolLM2 with a
+# chat template that opens the assistant's turn with <think> (tests/test_relay_llamacpp.py and
+# tests/test_ollama.py run them live and check these shapes). llama-server b11434,
+# `--reasoning-format deepseek`, /v1/chat/completions: a reasoning delta (no `content` key),
+# and the non-streamed message (reasoning_content after content).
+LLAMA_REASONING_DELTA = (
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"The"}}],'
+    + _CHAT_TAIL + "}"
+)
+LLAMA_REASONING_MESSAGE = (
+    '{"role":"assistant","content":"3","reasoning_content":"The user asks 3+3. That is 3.\\n"}'
+)
+# Ollama 0.34.4, "think": true (its /v1 thinks by default for a model that can): the stream's
+# first thinking frame on each API, then a later /v1 one, and the non-streamed answers.
+OLLAMA_THINKING_CHAT = (
+    '{"model":"smolthink","created_at":"2026-12-01T15:41:04.888052079Z","message":{"role":'
+    '"assistant","content":"","thinking":"The"},"done":false}'
+)
+OLLAMA_THINKING_GENERATE = (
+    '{"model":"smolthink","created_at":"2026-12-01T15:41:35.978567379Z","response":"",'
+    '"thinking":"The","done":false}'
+)
+OLLAMA_REASONING_V1_FIRST = (
+    '{"id":"chatcmpl-476","object":"chat.completion.chunk","created":1796139679,"model":'
+    '"smolthink","system_fingerprint":"fp_ollama","choices":[{"index":0,"delta":{"role":'
+    '"assistant","content":"","reasoning":"The"},"finish_reason":null}]}'
+)
+OLLAMA_REASONING_V1_LATER = OLLAMA_REASONING_V1_FIRST.replace('"role":"assistant",', "")
+OLLAMA_THINKING_MESSAGE = '{"role":"assistant","content":"3","thinking":"The user asks."}'
+OLLAMA_REASONING_V1_MESSAGE = '{"role":"assistant","content":"By","reasoning":"The user."}'
+
 # Ollama v0.34.4 struct field order (api/types.go, openai/openai.go); metrics are omitempty,
 # except prompt_eval_cached_count (sent at 0 too).
 OLLAMA_CHAT_CHUNK = ["model", "created_at", "message", "done"]
@@ -448,6 +479,46 @@ async def test_openai_ollama_layer_shapes() -> None:
     assert whole["choices"][0]["message"]["role"] == "assistant"
     assert [m["owned_by"] for m in models["data"]] == ["library", "library"]
     assert list(emb) == ["object", "data", "model", "usage"]
+
+
+async def test_thinking_mode_frames_match_the_real_servers() -> None:
+    """A request that asks to think (Ollama `think`, the OpenAI dialect's `reasoning_effort`)
+    gets half its tokens as reasoning first, in the real servers' frames; the counts the
+    servers report include them. Non-streamed answers carry the thinking beside the answer."""
+    chat = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    async with simulator(**FAST) as s:
+        native = ndjson_lines(await post(s, "/api/chat", {**chat, "think": True}))
+        generate = ndjson_lines(await post(s, "/api/generate", {"model": "sim-small",
+                                                                "prompt": "hi", "think": "high"}))
+        whole = orjson.loads(await post(s, "/api/chat", {**chat, "think": True,
+                                                         "stream": False}))
+        v1 = [orjson.loads(e) for e in sse_events(await post(
+            s, "/v1/chat/completions", {**chat, "stream": True, "reasoning_effort": "low"}))[:-1]]
+        v1_whole = orjson.loads(await post(s, "/v1/chat/completions",
+                                           {**chat, "reasoning_effort": "low"}))
+        plain = ndjson_lines(await post(s, "/api/chat", {**chat, "think": False}))
+    async with simulator(True, openai_flavor="llama.cpp", **FAST) as s:
+        llama = [orjson.loads(e) for e in sse_events(await post(
+            s, "/v1/chat/completions", {**chat, "stream": True, "reasoning_effort": "high"}))[:-1]]
+        llama_whole = orjson.loads(await post(s, "/v1/chat/completions",
+                                              {**chat, "reasoning_effort": "high"}))
+    assert [shape(line) for line in native[:4]] == [shape(orjson.loads(OLLAMA_THINKING_CHAT))] * 4
+    assert all(line["message"]["content"] for line in native[4:8])  # the answer after
+    assert native[-1]["eval_count"] == 8  # thinking included, as Ollama counts
+    assert shape(generate[0]) == shape(orjson.loads(OLLAMA_THINKING_GENERATE))
+    assert shape(whole["message"]) == shape(orjson.loads(OLLAMA_THINKING_MESSAGE))
+    assert shape(v1[0]) == shape(orjson.loads(OLLAMA_REASONING_V1_FIRST))
+    assert shape(v1[1]) == shape(orjson.loads(OLLAMA_REASONING_V1_LATER))
+    assert list(v1[4]["choices"][0]["delta"]) == ["content"]
+    assert shape(v1_whole["choices"][0]["message"]) == shape(
+        orjson.loads(OLLAMA_REASONING_V1_MESSAGE))
+    assert all("thinking" not in line["message"] for line in plain)
+    # llama-server: the role event, 4 reasoning deltas, 4 answer deltas, the finish.
+    assert [shape(ev) for ev in llama[1:5]] == [shape(orjson.loads(LLAMA_REASONING_DELTA))] * 4
+    assert [list(ev["choices"][0]["delta"]) for ev in llama[5:9]] == [["content"]] * 4
+    assert shape(llama_whole["choices"][0]["message"]) == shape(
+        orjson.loads(LLAMA_REASONING_MESSAGE))
+    assert llama_whole["usage"]["completion_tokens"] == 8
 
 
 async def test_unknown_models_get_each_dialects_not_found() -> None:

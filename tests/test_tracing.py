@@ -217,6 +217,99 @@ async def test_real_llama_server_spans(llama_server: LlamaServer) -> None:
             assert spans[1]["attributes"]["gen_ai.request.stream"] is True
 
 
+THINK = {"model": "sim-small", "messages": CHAT, "think": True}  # 12 tokens: 6 of them thinking
+LATEST = {"OTEL_SEMCONV_STABILITY_OPT_IN": "http,gen_ai_latest_experimental"}
+
+
+async def reasoning_traffic(tap: Llmtap) -> None:
+    """A thinking stream, a thinking answer not streamed, a failure."""
+    assert (await post(tap.url + "/api/chat", THINK))[0] == 200
+    assert (await post(tap.url + "/v1/chat/completions",
+                       {"model": "sim-large", "messages": CHAT, "reasoning_effort": "low"})
+            )[0] == 200
+    assert (await post(tap.url + "/api/chat", {**THINK, "model": "nope"}))[0] == 404
+
+
+def check_reasoning_spans(spans: list[dict[str, Any]]) -> dict[str, Any]:
+    """What both conventions' versions put on the spans: v1.41's span attributes
+    gen_ai.request.stream, gen_ai.response.time_to_first_chunk (streams only),
+    gen_ai.usage.reasoning.output_tokens and cache_read.input_tokens, and llmtap's two
+    first-token times."""
+    named = by_name(spans)
+    stream = named["chat sim-small:latest"][0]["attributes"]
+    assert stream["gen_ai.request.stream"] is True
+    first = stream["gen_ai.response.time_to_first_chunk"]
+    assert first == stream["llmtap.time_to_first_reasoning_token"]
+    # Six thinking tokens apart (15 ms at the fixture's 400 tokens/s); the same when a busy
+    # machine's scheduler sends them in one chunk, never the other way round.
+    assert 0 < first <= stream["llmtap.time_to_first_answer_token"] < 5
+    assert stream["gen_ai.usage.output_tokens"] == 12  # eval_count, the thinking included
+    assert stream["gen_ai.usage.reasoning.output_tokens"] == 6
+    assert stream["llmtap.usage.reasoning.counted"] is True  # Ollama reports no such count
+    assert stream["gen_ai.usage.cache_read.input_tokens"] == 0
+    whole = named["chat sim-large:latest"][0]["attributes"]
+    assert whole["gen_ai.request.stream"] is False
+    assert "gen_ai.response.time_to_first_chunk" not in whole  # streams only
+    # Not streamed: reasoning and answer came together, and nothing reports a count.
+    assert whole["llmtap.time_to_first_answer_token"] == \
+        whole["llmtap.time_to_first_reasoning_token"]
+    assert "gen_ai.usage.reasoning.output_tokens" not in whole
+    return named["chat other"][0]["attributes"]
+
+
+async def test_reasoning_on_spans_and_metrics_v1_41_by_default(sim: Simulator) -> None:
+    async with HTTPReceiver() as receiver:
+        with running(Llmtap(sim.url, env=otel_env(receiver.port))) as tap:
+            await reasoning_traffic(tap)
+            spans = await receiver.wait_for(3)
+            failed = check_reasoning_spans(spans)
+            assert "gen_ai.response.finish_reasons" not in failed  # v1.41 says nothing
+            m = tap.metrics()
+            labels = {"gen_ai_request_model": "sim-small:latest"}
+            assert m.value("llmtap_reasoning_output_tokens_total", **labels) == 6
+            assert m.value("gen_ai_client_token_usage_sum", gen_ai_token_type="output",
+                           **labels) == 12
+            assert m.value("llmtap_time_to_first_answer_token_seconds_count") == 2
+            assert m.value("llmtap_time_to_first_answer_token_seconds_sum", **labels) >= \
+                m.value("gen_ai_server_time_to_first_token_seconds_sum", **labels)
+            assert "gen_ai_client_inference_usage" not in m.text
+            line = next(line for line in tap.json_lines("request")
+                        if line["model_label"] == "sim-small:latest")
+            assert line["ttft_ms"] <= line["ttfa_ms"]
+            assert (line["tokens_reasoning"], line["tokens_reasoning_counted"]) == (6, True)
+
+
+async def test_reasoning_on_spans_and_metrics_with_latest_experimental(sim: Simulator) -> None:
+    """OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental: the usage counters and
+    per-operation histograms of semantic-conventions-genai instead of gen_ai.client.token.usage
+    (failed requests included, with 0), "error" as the finish reason that never came."""
+    async with HTTPReceiver() as receiver:
+        with running(Llmtap(sim.url, env=otel_env(receiver.port, **LATEST))) as tap:
+            await reasoning_traffic(tap)
+            spans = await receiver.wait_for(3)
+            failed = check_reasoning_spans(spans)
+            assert failed["gen_ai.response.finish_reasons"] == ["error"]
+            m = tap.metrics()
+            small = {"gen_ai_request_model": "sim-small:latest", "gen_ai_token_modality":
+                     "unknown"}
+            assert m.value("gen_ai_client_inference_usage_reasoning_output_tokens_total",
+                           **small) == 6
+            assert m.value("gen_ai_client_inference_usage_output_tokens_total", **small) == 12
+            assert m.value("gen_ai_client_inference_usage_input_tokens_total", **small) >= 1
+            assert m.value("gen_ai_client_inference_usage_cache_read_input_tokens_total",
+                           **small) == 0
+            output = "gen_ai_client_inference_operation_output_tokens"
+            assert m.value(output + "_count", error_type="") == 2
+            assert (m.value(output + "_count", error_type="404"),
+                    m.value(output + "_sum", error_type="404")) == (1, 0)
+            for old in ("gen_ai_client_token_usage", "llmtap_cache_read_input_tokens",
+                        "llmtap_reasoning_output_tokens"):
+                assert old not in m.text, old
+            # The server metrics are the same in both versions.
+            assert m.value("gen_ai_server_time_to_first_token_seconds_count") == 2
+            assert m.value("llmtap_time_to_first_answer_token_seconds_count") == 2
+
+
 async def test_grpc_protocol(sim: Simulator) -> None:
     async with GRPCReceiver() as receiver:
         with running(Llmtap(sim.url, env=otel_env(receiver.port, "grpc"))) as tap:

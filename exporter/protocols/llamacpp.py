@@ -3,6 +3,11 @@
 A stream can begin with an empty `content` chunk sent before prompt processing, so the first
 token is the first non-empty `content`, not the first byte. The final event (`"stop": true`)
 carries `timings`, `tokens_predicted` and `tokens_evaluated`.
+
+The native endpoints apply no chat template and parse no reasoning: a model's thinking comes
+as plain `content`, tags and all (`</think>` split over three frames, b11434 with SmolLM2
+prompted to think: tests/test_relay_llamacpp.py), so here every frame is an answer token and
+only the OpenAI endpoints tell reasoning apart (`reasoning_content`).
 """
 
 from __future__ import annotations

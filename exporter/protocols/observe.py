@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.events import JUST_A_TOKEN, NOT_AN_OBJECT, UPSTREAM_ERROR, Answered
+from exporter.events import (
+    JUST_A_TOKEN,
+    JUST_REASONING,
+    NOT_AN_OBJECT,
+    REASONING,
+    UPSTREAM_ERROR,
+    Answered,
+)
 from exporter.protocols import Endpoint
 from exporter.protocols.framing import Framer, framer_for
-from exporter.record import Outcome, RequestRecord, apply
+from exporter.record import Outcome, RequestRecord, apply, token
 
 CUT_SHORT = ("chat", "text_completion")  # operations whose streams end with a finish frame
 
@@ -72,11 +79,16 @@ class ResponseObserver:
         if not self._named:
             self._name(value)
         events = self._events(value)
-        if events is JUST_A_TOKEN:  # most frames: what apply() does for a token, inline
+        if events is JUST_A_TOKEN:  # most frames: what apply() does for an answer, inline
             if record.first_token is None:
                 record.first_token = now
+            if record.first_answer_token is None:
+                record.first_answer_token = now
             record.last_token = now
             record.token_chunks += 1
+            return
+        if events is JUST_REASONING:  # a reasoning model's thinking: no loop, no type tests
+            token(record, REASONING, now)
             return
         for event in events:
             apply(record, event, now)

@@ -1,7 +1,10 @@
 """Ollama's native API: /api/generate, /api/chat (NDJSON streams), /api/embed(dings).
 
 Wire facts (Ollama docs/api.md): chat chunks carry `message.content` (and `message.thinking`,
-`message.tool_calls`), generate chunks `response` (and `thinking`); the last line has
+`message.tool_calls`), generate chunks `response` (and `thinking`): a model that reasons
+(thinking models think unless the request says `"think": false`) sends its thinking first,
+in frames whose content is "", then its answer. Its `eval_count` includes the thinking
+tokens and it reports no separate count for them. The last line has
 `"done": true`, `done_reason` and nanosecond timings; an error can arrive mid-stream as
 `{"error": "..."}`. Streaming is on unless the request says `"stream": false`.
 """
@@ -11,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.events import (
-    JUST_A_TOKEN,
-    NO_EVENTS,
-    TOKEN,
+    ANSWER_BIT,
+    JUST_BY_BITS,
+    REASONING_BIT,
+    TOKEN_BY_BITS,
     UPSTREAM_ERROR,
     Event,
     Finished,
@@ -42,20 +46,26 @@ def parse_request(body: dict[str, Any]) -> RequestInfo:
     return info
 
 
-def _is_token(obj: dict[str, Any]) -> bool:
+def _kind(obj: dict[str, Any]) -> int:
+    """What the frame carries (events.ANSWER_BIT, REASONING_BIT): `thinking` is reasoning;
+    content, `response` and tool calls are the answer. Thinking frames carry `"content":""`
+    (0.34.4, captured: tests/test_ollama.py)."""
     message = obj.get("message")
     if type(message) is dict:
-        return bool(message.get("content") or message.get("thinking")
-                    or message.get("tool_calls"))
-    return bool(obj.get("response") or obj.get("thinking"))
+        answer = message.get("content") or message.get("tool_calls")
+        thinking = message.get("thinking")
+    else:
+        answer, thinking = obj.get("response"), obj.get("thinking")
+    return (ANSWER_BIT if answer else 0) | (REASONING_BIT if thinking else 0)
 
 
 def events(obj: dict[str, Any]) -> tuple[Event, ...]:
-    token = _is_token(obj)
+    kind = _kind(obj)
     final = obj.get("done") is True or "embeddings" in obj or "embedding" in obj
     if not final and "error" not in obj:
-        return JUST_A_TOKEN if token else NO_EVENTS
-    found: list[Event] = [TOKEN] if token else []
+        return JUST_BY_BITS[kind]
+    token = TOKEN_BY_BITS[kind]
+    found: list[Event] = [token] if token is not None else []
     if final:
         found += _final(obj)
     elif "error" in obj:

@@ -141,12 +141,17 @@ class AccessLog(Observer):
             "status": record.status,
             "error_type": record.error_type or None,
             "stream": record.stream,
-            "ttft_ms": _ms(record.ttft),
+            "ttft_ms": _ms(record.ttft),  # first token of any kind, reasoning included
+            "ttfa_ms": _ms(record.time_to_first_answer),  # first answer token
             "duration_ms": _ms(record.duration),
             "queue_wait_ms": _ms(record.queue_wait),
             "load_ms": _ms(record.cold_load),
             "tokens_in": record.input_tokens,
             "tokens_out": record.output_token_count,
             "tokens_cached": record.cached_input_tokens,
+            "tokens_reasoning": record.reasoning_output_tokens,
+            # True: the reasoning count is llmtap's count of reasoning frames (Ollama and
+            # llama-server report none), not the server's
+            "tokens_reasoning_counted": record.reasoning_counted or None,
             "key": record.key_name or None,
         }

@@ -8,7 +8,8 @@ state when scraped (client_python's pattern for values that already live elsewhe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -19,15 +20,13 @@ from exporter.record import RequestRecord
 from exporter.relay.observers import Observer
 from exporter.state import LiveState
 from exporter.telemetry.histogram import LoopHistogram, Series
-
-BASE_LABELS = ("gen_ai_provider_name", "gen_ai_operation_name", "gen_ai_request_model")
+from exporter.telemetry.semconv import BASE_LABELS, token_metrics
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5,
                 5, 7.5, 10, 20, 40, 80, 160, 640)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                 0.5, 0.75, 1, 2.5)
 DURATION_BUCKETS = tuple(round(0.01 * 2**i, 2) for i in range(17))  # 0.01 … 655.36
-TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1 … 67108864
 OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
                     0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -56,29 +55,37 @@ class LiveGaugeCollector(Collector):
 class _Series:
     """The histogram children of one label set, resolved once and reused."""
 
-    __slots__ = ("cached", "duration", "input_tokens", "load", "output_tokens", "overhead",
-                 "queue_wait", "tpot", "ttft")
+    __slots__ = ("answer", "duration", "load", "overhead", "queue_wait", "tokens", "tpot",
+                 "ttft")
 
     def __init__(self, metrics: RequestMetrics, labels: tuple[str, str, str]) -> None:
         self.ttft = metrics.ttft.labels(*labels)
+        self.answer = metrics.ttfa.labels(*labels)
         self.tpot = metrics.tpot.labels(*labels)
-        self.input_tokens = metrics.tokens.labels(*labels, "input")
-        self.output_tokens = metrics.tokens.labels(*labels, "output")
+        self.tokens = metrics.tokens.series(labels)
         self.overhead = metrics.overhead.labels(*labels)
         self.queue_wait = metrics.queue_wait.labels(*labels)
         self.load = metrics.load.labels(*labels)
-        self.cached = metrics.cached.labels(*labels)
         self.duration: dict[str, Series] = {}
 
 
 class RequestMetrics(Observer):
-    def __init__(self, registry: CollectorRegistry, live: LiveState) -> None:
+    def __init__(self, registry: CollectorRegistry, live: LiveState,
+                 env: Mapping[str, str] = os.environ) -> None:
         # `_created` samples would double the series count and no dashboard reads them.
         disable_created_metrics()
         self.ttft = LoopHistogram(
             "gen_ai_server_time_to_first_token_seconds",
-            "Time from the request's arrival at llmtap to the first non-empty token relayed "
-            "(non-streamed answers: to the answer relayed)",
+            "Time from the request's arrival at llmtap to the first non-empty token relayed, "
+            "reasoning included (non-streamed answers: to the answer relayed)",
+            BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
+        # The conventions have no time to the first answer token; a reasoning model's users
+        # wait for it, not for its first thinking token. Observed for every answer (equal to
+        # TTFT without reasoning), so that its percentiles describe all requests alike.
+        self.ttfa = LoopHistogram(
+            "llmtap_time_to_first_answer_token_seconds",
+            "Time from the request's arrival at llmtap to the first answer token relayed "
+            "(after any reasoning: the same as TTFT for a model that did not reason)",
             BASE_LABELS, buckets=TTFT_BUCKETS, registry=registry)
         self.tpot = LoopHistogram(
             "gen_ai_server_time_per_output_token_seconds",
@@ -89,11 +96,8 @@ class RequestMetrics(Observer):
             "Time from the request's arrival to the end of its answer; error_type is empty on "
             "success", (*BASE_LABELS, "error_type"), buckets=DURATION_BUCKETS,
             registry=registry)
-        self.tokens = LoopHistogram(
-            "gen_ai_client_token_usage",
-            "Tokens per request as the server reported them (output counted from content "
-            "frames only where it reported nothing)",
-            (*BASE_LABELS, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=registry)
+        # Token metrics differ between the conventions' versions (OTEL_SEMCONV_STABILITY_OPT_IN)
+        self.tokens = token_metrics(registry, env)
         self.overhead = LoopHistogram(
             "llmtap_sidecar_overhead_seconds",
             "Time spent in llmtap's own code per request (request handling, frame parsing, "
@@ -116,11 +120,6 @@ class RequestMetrics(Observer):
             "llmtap_unparseable_frames",
             "Response frames relayed unchanged that llmtap could not parse",
             registry=registry)
-        self.cached = Counter(
-            "llmtap_cache_read_input_tokens",
-            "Prompt tokens the server reported serving from its prompt cache "
-            "(llama.cpp timings.cache_n, OpenAI usage.prompt_tokens_details.cached_tokens)",
-            BASE_LABELS, registry=registry)
         self.retries = Counter(
             "llmtap_upstream_retries",
             "Requests re-sent on a fresh connection because a pooled keep-alive connection "
@@ -150,7 +149,8 @@ class RequestMetrics(Observer):
         if record.duration is not None:
             duration.observe(record.duration, exemplar)
         series.overhead.observe(record.overhead)
-        if not error_type:  # latency and usage of failed requests would skew them
+        series.tokens.record(record, error_type)
+        if not error_type:  # latency of failed requests would skew it
             self._succeeded(series, record, exemplar)
 
     @staticmethod
@@ -158,14 +158,10 @@ class RequestMetrics(Observer):
                    exemplar: dict[str, str] | None) -> None:
         if (ttft := record.ttft) is not None:
             series.ttft.observe(ttft, exemplar)
+        if (answer := record.time_to_first_answer) is not None:
+            series.answer.observe(answer, exemplar)
         if (tpot := record.tpot) is not None:
             series.tpot.observe(tpot)
-        if record.input_tokens is not None:
-            series.input_tokens.observe(record.input_tokens)
-        if record.cached_input_tokens is not None:
-            series.cached.inc(record.cached_input_tokens)
-        if (output := record.output_token_count) is not None:
-            series.output_tokens.observe(output)
         if (wait := record.queue_wait) is not None:
             series.queue_wait.observe(wait)
         if (load := record.cold_load) is not None:

@@ -33,8 +33,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry, Counter
 
 from exporter import __version__
+from exporter.events import CHAT, TEXT_COMPLETION
 from exporter.record import RequestRecord
 from exporter.relay.observers import Observer
+from exporter.telemetry.semconv import latest_experimental
 
 log = structlog.get_logger("llmtap.tracing")
 
@@ -45,6 +47,7 @@ PROPAGATOR = TraceContextTextMapPropagator()
 # longer. The span name uses the bounded model label, never the name the client sent.
 MAX_ATTRIBUTE = 128
 MAX_PATH_ATTRIBUTE = 256
+GENERATIONS = (CHAT, TEXT_COMPLETION)  # operations whose answers end with a finish reason
 # Server-reported phases, as span attributes (seconds or the server's own unit).
 PHASE_ATTRIBUTES = {
     "load_duration": "llmtap.upstream.load_duration",
@@ -217,6 +220,7 @@ class Tracing:
             CountingBatchProcessor(CountingExporter(exporter or _otlp_exporter(env), drops),
                                    drops))
         self.tracer = self.provider.get_tracer("llmtap", __version__)
+        self.latest = latest_experimental(env)  # OTEL_SEMCONV_STABILITY_OPT_IN
 
     def start(self, record: RequestRecord, arrival_ns: int) -> PendingSpan:
         """The request's span, child of the client's traceparent (in `record.traceparent`),
@@ -252,7 +256,7 @@ class Tracing:
         if span.is_recording():
             span.set_attributes({**server, "http.request.method": record.method,
                                  "url.path": record.path[:MAX_PATH_ATTRIBUTE],
-                                 **span_attributes(record)})
+                                 **span_attributes(record, self.latest)})
             if record.error_type:
                 span.set_status(Status(StatusCode.ERROR, record.error_type))
         span.end(end_time=end_ns)
@@ -270,13 +274,19 @@ def _cut(text: str) -> str:
     return text[:MAX_ATTRIBUTE]
 
 
-def span_attributes(record: RequestRecord) -> dict[str, Any]:
-    """The span's attributes when the request ends: GenAI conventions, then llmtap's own.
-    Absent facts are left out (None is not a valid attribute value)."""
+def span_attributes(record: RequestRecord, latest: bool = False) -> dict[str, Any]:
+    """The span's attributes when the request ends: GenAI conventions (v1.41, or the
+    semantic-conventions-genai repository's with `latest`), then llmtap's own. Absent facts
+    are left out (None is not a valid attribute value)."""
     attributes: dict[str, Any] = {"http.response.status_code": record.status}
     if record.operation:
         attributes.update(_present(_genai(record)))
         attributes.update(_present(_measured(record)))
+        if latest and record.error_type and not record.finish_reasons and \
+                record.operation in GENERATIONS:
+            # client-inference.md (genai main): a finish reason that was expected and never
+            # came (failed, cancelled, cut short) is reported as "error". v1.41 says nothing.
+            attributes["gen_ai.response.finish_reasons"] = ["error"]
     if record.error_type:
         attributes["error.type"] = record.error_type
     return attributes
@@ -301,13 +311,21 @@ def _genai(record: RequestRecord) -> dict[str, Any]:
         "gen_ai.usage.input_tokens": record.input_tokens,
         "gen_ai.usage.cache_read.input_tokens": record.cached_input_tokens,
         "gen_ai.usage.output_tokens": record.output_token_count,
-        "gen_ai.response.time_to_first_chunk": record.ttft,
+        "gen_ai.usage.reasoning.output_tokens": record.reasoning_output_tokens,
+        # "Recommended if the request was a streaming request" (v1.41 and genai main): the
+        # first chunk with generated content, reasoning included, as the TTFT histogram.
+        "gen_ai.response.time_to_first_chunk": record.ttft if record.stream else None,
     }
 
 
 def _measured(record: RequestRecord) -> dict[str, Any]:
     measured: dict[str, Any] = {"llmtap.queue_wait": record.queue_wait,
-                                "llmtap.cold_load": record.cold_load}
+                                "llmtap.cold_load": record.cold_load,
+                                "llmtap.time_to_first_answer_token": record.time_to_first_answer,
+                                "llmtap.time_to_first_reasoning_token":
+                                    record.time_to_first_reasoning}
+    if record.reasoning_counted:  # the reasoning count is llmtap's (frames), not the server's
+        measured["llmtap.usage.reasoning.counted"] = True
     for key, value in record.server_timings.items():
         if (name := PHASE_ATTRIBUTES.get(key)) is not None:
             measured[name] = value

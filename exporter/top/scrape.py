@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 TTFT = "gen_ai_server_time_to_first_token_seconds"
 TOKENS = "gen_ai_client_token_usage"
+# The same output tokens under OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental.
+LATEST_OUTPUT = "gen_ai_client_inference_usage_output_tokens"
 MODEL_LABEL = "gen_ai_request_model"
 
 
@@ -101,7 +103,7 @@ def parse_counts(text: str) -> dict[str, Counts]:
     """TTFT buckets and output tokens per model, from the Prometheus text exposition."""
     counts: dict[str, Counts] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in (TTFT, TOKENS):
+        if family.name not in (TTFT, TOKENS, LATEST_OUTPUT):
             continue
         for sample in family.samples:
             model = sample.labels.get(MODEL_LABEL)
@@ -112,6 +114,7 @@ def parse_counts(text: str) -> dict[str, Counts]:
                 le = float(sample.labels["le"])
                 entry.ttft_buckets[le] = entry.ttft_buckets.get(le, 0.0) + sample.value
             elif (family.name == TOKENS and sample.name == TOKENS + "_sum"
-                  and sample.labels.get("gen_ai_token_type") == "output"):
+                  and sample.labels.get("gen_ai_token_type") == "output") or (
+                    family.name == LATEST_OUTPUT and sample.name == LATEST_OUTPUT + "_total"):
                 entry.output_tokens += sample.value
     return counts
