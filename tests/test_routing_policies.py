@@ -17,8 +17,11 @@ from exporter.routing.policies import (
     PowerOfTwo,
     RandomChoice,
     RequestTraits,
+    ResidencyFirst,
     RoundRobin,
     expected_ttft,
+    fleet_ttfts,
+    server_parallel,
 )
 
 REQ = RequestTraits(model="llama3.1:8b", expected_output_tokens=100)
@@ -42,7 +45,7 @@ def firsts(policy_name: str, cands: list[Candidate], n: int = 400, seed: int = 1
 
 def test_registry() -> None:
     assert set(POLICIES) == {"round_robin", "least_outstanding", "power_of_two",
-                             "expected_wait", "random"}
+                             "expected_wait", "residency_first", "random"}
     assert DEFAULT_POLICY == "expected_wait"
     for name, factory in POLICIES.items():
         assert factory().name == name
@@ -114,12 +117,17 @@ def test_random_is_uniform_over_eligible() -> None:
 def test_expected_ttft_formula() -> None:
     # Idle and loaded: just the prompt time, capped TTFT EWMA.
     assert expected_ttft(local("a", ttft=0.3, tpot=0.02), REQ) == pytest.approx(0.3)
-    # Two ahead on one slot: 1.5 services of (0.3 + 100 x 0.02) = 3.45, plus own 0.3.
+    # Two of ours ahead on one slot, none seen running: one whole service of (0.3 + 100 x
+    # 0.02) = 2.3 for the second, all of the first's (it has just begun), plus own 0.3.
     busy = local("a", ttft=0.3, tpot=0.02, router_in_flight=2)
-    assert expected_ttft(busy, REQ) == pytest.approx(1.5 * 2.3 + 0.3)
-    # Two slots, two ahead: half a service / 2 slots.
+    assert expected_ttft(busy, REQ) == pytest.approx(2 * 2.3 + 0.3)
+    # The poll saw the first one decoding: half of it is left on average.
+    running = local("a", ttft=0.3, tpot=0.02, router_in_flight=2, in_flight=2, waiting=1,
+                    router_in_flight_at_poll=2)
+    assert expected_ttft(running, REQ) == pytest.approx(1.5 * 2.3 + 0.3)
+    # Two slots, two ahead: one service's worth / 2 slots.
     assert expected_ttft(local("a", ttft=0.3, tpot=0.02, router_in_flight=2, parallel=2),
-                         REQ) == pytest.approx(0.5 * 2.3 / 2 + 0.3)
+                         REQ) == pytest.approx(1.0 * 2.3 / 2 + 0.3)
     # Cold: plus the measured load; unknown residency: half of it.
     assert expected_ttft(local("a", ttft=0.3, tpot=0.02, loaded=False, load_seconds=6.0),
                          REQ) == pytest.approx(6.3)
@@ -131,15 +139,78 @@ def test_expected_ttft_formula() -> None:
     assert expected_ttft(local("a", is_cloud=True, ttft=0.9), REQ) == pytest.approx(0.9)
 
 
+def test_the_queue_is_its_measured_service_time_not_the_requests_max_tokens() -> None:
+    # One of ours ahead, decoding: half of the measured 3 s service time, whatever the
+    # incoming request asks for, and its prompt at the measured prefill rate.
+    c = local("a", service=3.0, prefill=0.4, router_in_flight=1, in_flight=1, waiting=0,
+              router_in_flight_at_poll=1)
+    for tokens in (16, 256, 1500):
+        req = RequestTraits(model="m", expected_output_tokens=tokens)
+        assert expected_ttft(c, req) == pytest.approx(0.5 * 3.0 + 0.4)
+    # Without a service time, the assumption for requests in general fills in.
+    bare = local("a", router_in_flight=1, in_flight=1, waiting=0, router_in_flight_at_poll=1)
+    assert expected_ttft(bare, REQ) == pytest.approx(0.5 * (0.2 + 100 * 0.02) + 0.2)
+
+
+def test_prefill_is_the_prompt_at_the_backends_measured_rate() -> None:
+    fast = local("fast", prefill_per_token=0.0002, prefill=0.1, service=1.0,
+                 router_in_flight=1, in_flight=1, waiting=0, router_in_flight_at_poll=1)
+    slow = local("slow", prefill_per_token=0.002, prefill=1.0, service=4.0)
+    long_prompt = RequestTraits(model="m", prompt_tokens=4000)
+    short_prompt = RequestTraits(model="m", prompt_tokens=100)
+    assert expected_ttft(fast, long_prompt) == pytest.approx(0.5 * 1.0 + 0.8)
+    assert expected_ttft(slow, long_prompt) == pytest.approx(8.0)
+    assert expected_ttft(slow, short_prompt) == pytest.approx(0.2)
+    ew = ExpectedWait()
+    # A long prompt waits behind one request on the fast prefill rather than prefill slowly;
+    # a short one takes the idle slow backend.
+    assert ew.rank([slow, fast], long_prompt, random.Random(0))[0].backend == "fast"
+    assert ew.rank([fast, slow], short_prompt, random.Random(0))[0].backend == "slow"
+    # Prompt length unknown: the backend's typical prompt time.
+    assert expected_ttft(slow, RequestTraits(model="m")) == pytest.approx(1.0)
+
+
 def test_queue_ahead_uses_own_counts_and_others_as_polled() -> None:
     # Polled 4 in flight of which 3 were ours; 2 of ours left now -> 2 + 1 others = 3 ahead.
     c = local("a", ttft=0.0, tpot=0.01, in_flight=4, router_in_flight_at_poll=3,
               router_in_flight=2)
+    # All four were past their first token at the poll: half of the first is left.
     assert expected_ttft(c, REQ) == pytest.approx(2.5 * 1.0)
     # Without the snapshot: the larger of own in flight and polled + sent since.
     c = local("a", ttft=0.0, tpot=0.01, in_flight=4, router_sent_since_poll=1,
               router_in_flight=2)
     assert expected_ttft(c, REQ) == pytest.approx(4.5 * 1.0)
+
+
+def test_other_clients_sends_since_the_poll_count_as_queued_ahead() -> None:
+    # Alone (no fleet): the arrival rate x the state's age, less what this router sent.
+    c = local("a", service=2.0, prefill=0.2, arrival_rate=2.0, state_age=0.5,
+              router_in_flight_at_poll=0)
+    assert expected_ttft(c, REQ) == pytest.approx(1.0 * 2.0 + 0.2)  # one unseen, just begun
+    sent = local("a", service=2.0, prefill=0.2, arrival_rate=2.0, state_age=0.5,
+                 router_in_flight_at_poll=0, router_in_flight=1, router_sent_since_poll=1)
+    assert expected_ttft(sent, REQ) == pytest.approx(1.0 * 2.0 + 0.2)  # that one was ours
+
+    def fleet(busy_ours: bool, ages: tuple[float, float]) -> list[float]:
+        # Two idle backends and a busy one; the busy one's requests are another router's
+        # (so others send here) or this router's (so nobody else does).
+        own = 4 if busy_ours else 0
+        busy = local("busy", service=2.0, prefill=0.2, in_flight=4, waiting=3,
+                     router_in_flight=own, router_in_flight_at_poll=own)
+        idle = [local(n, service=2.0, prefill=0.2, arrival_rate=1.0, state_age=age,
+                      router_in_flight_at_poll=0) for n, age in zip("ab", ages, strict=True)]
+        return fleet_ttfts([*idle, busy], REQ)
+
+    # Another router's: its 1 request expected since the polls (2 x 1/s x 0.5 s) went where
+    # it cost least, half on each idle backend: half a service ahead on each.
+    a, b, _ = fleet(busy_ours=False, ages=(0.5, 0.5))
+    assert a == pytest.approx(0.5 * 2.0 + 0.2) and b == pytest.approx(a)
+    # This router alone: nobody else sends.
+    a, b, _ = fleet(busy_ours=True, ages=(0.5, 0.5))
+    assert a == pytest.approx(0.2) and b == pytest.approx(0.2)
+    # A sidecar polled just now has shown what was sent to it: the older state takes it all.
+    a, b, _ = fleet(busy_ours=False, ages=(0.0, 1.0))
+    assert a == pytest.approx(0.2) and b == pytest.approx(1.0 * 2.0 + 0.2)
 
 
 def test_expected_wait_prefers_loaded_until_its_queue_costs_more_than_a_load() -> None:
@@ -177,10 +248,45 @@ def test_expected_wait_spreads_over_near_equal_backends() -> None:
     # Within the slack of the best, two random choices: not always the same one (herding).
     cands = [local("a"), local("b", ttft=0.21), local("c", ttft=0.22), local("d", ttft=5.0,
              router_in_flight=3)]
-    counts = firsts("expected_wait", cands, n=600)
+    counts = firsts("expected_wait", cands, n=900)
     # Two of the pool of three drawn, the better estimate wins: a 2/3, b 1/3, c never.
     assert set(counts) == {"a", "b"}
-    assert 330 < counts["a"] < 470
+    assert 510 < counts["a"] < 690
+
+
+def test_equal_estimates_do_not_favour_config_order_and_the_pool_has_no_cap() -> None:
+    # Eight equal idle backends: every one is picked first about equally often (a capped
+    # pool, or ties in config order, would give the first few everything).
+    cands = [local(f"b{i}") for i in range(8)]
+    counts = firsts("expected_wait", cands, n=1600)
+    assert set(counts) == {f"b{i}" for i in range(8)}
+    assert all(140 < n < 260 for n in counts.values())
+    # And the rest of the ranking is shuffled too (retries spread as well).
+    seconds = Counter(ExpectedWait().rank(cands, REQ, random.Random(i))[1].backend
+                      for i in range(800))
+    assert len(seconds) == 8
+
+
+def test_residency_first_orders_loaded_then_fewest_outstanding() -> None:
+    cands = [local("cold-idle", loaded=False), local("unknown", loaded=None),
+             local("warm-busy", in_flight=3), local("warm", in_flight=1),
+             local("warm-sent", in_flight=0, router_sent_since_poll=2)]
+    ranked = names(ResidencyFirst().rank(cands, REQ, random.Random(0)))
+    assert ranked[:3] == ["warm", "warm-sent", "warm-busy"]
+    assert set(ranked[3:]) == {"cold-idle", "unknown"}  # then the rest, fewest outstanding
+    tied = [local("a", in_flight=1), local("b", in_flight=1), local("c", loaded=False)]
+    counts = firsts("residency_first", tied)
+    assert set(counts) == {"a", "b"} and min(counts.values()) > 150
+
+
+def test_server_parallel_from_the_polled_state() -> None:
+    assert server_parallel("llama.cpp", {"slots_total": 4}) == 4
+    assert server_parallel("ollama", {}) == 1
+    # vLLM: requests waiting mean the batch is full (what runs is what fits); none waiting,
+    # no limit in sight.
+    assert server_parallel("openai", {"processing": 12.0, "deferred": 3.0}) == 12
+    assert server_parallel("openai", {"processing": 12.0, "deferred": 0.0}) > 1000
+    assert server_parallel("openai", {}) == 1  # an OpenAI-compatible server without gauges
 
 
 def test_expected_wait_fills_unknown_ewmas_from_the_fleet() -> None:

@@ -1,499 +1,37 @@
-"""Discrete-event simulation of a routed fleet of local model servers, driving the real policies.
+"""Routing policies on a simulated fleet: validation, comparison, herding, tuning.
 
     python -m benchmarks.routing.simulate            # validation + comparison -> results.md
     python -m benchmarks.routing.simulate --quick    # a few seconds, prints only
+    python -m benchmarks.routing.simulate --tune     # expected_wait's settings, tuning seeds
 
-What is modelled (one heap-ordered event loop, pure Python):
+The model (backends, sidecars, router replicas) is `benchmarks/routing/engine.py`; every
+simulated request is ranked by the real policies of `exporter/routing/policies.py`.
 
-- Backends with different speeds. Each serves every model sequentially (`parallel` = 1, as
-  Ollama does by default): one queue per model per backend, FIFO. Different resident models on
-  one backend run at the same time but share its compute: each of the n busy models goes at
-  speed / n (processor sharing).
-- At most `resident_limit` models resident per backend. A request for an absent model triggers a
-  cold load; when the backend is full, the least recently used idle model is evicted, and if none
-  is idle, the least recently used one stops taking new work, drains what it had and is evicted
-  (Ollama waits for a runner's requests to finish before unloading it). Requests for it that
-  arrive meanwhile wait for a reload.
-- A request is prefill (TTFT ends there) then `tokens` x tpot of decode, both divided by the
-  backend's speed share.
-- Each backend has a sidecar keeping what `exporter/state.py` keeps: per model in flight,
-  waiting (no first token yet), EWMAs (alpha 0.2) of TTFT measured from arrival (so it includes
-  queueing and loads) and of TPOT, plus the measured cold-load time. The router sees that only
-  through polls every `poll_interval` seconds (each backend on its own phase), and between polls
-  knows only its own counts: in flight, sent since the poll.
-- Arrivals: Poisson, or bursty (a two-state Markov-modulated Poisson process: bursts at 2.5x the
-  mean rate a quarter of the time, 0.5x otherwise), at a fraction of the fleet's capacity.
-
-The router calls `exporter.routing.policies.POLICIES[name]().rank(...)` for every request and
-sends it to the first candidate: the code under test is the code that ships.
+Seeds: the settings of expected_wait (cold_penalty, slack, slack_seconds) were chosen with
+`--tune` on TUNE_SEEDS; every table of results.md is made on REPORT_SEEDS, a disjoint set.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
+import functools
+import itertools
 import math
 import random
 import statistics
 import sys
 import time
-from bisect import bisect_right
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from exporter.routing.policies import POLICIES, Candidate, Policy, RequestTraits
-from exporter.state import ewma
+from benchmarks.routing.engine import ModelSpec, RunResult, Scenario, simulate
+from exporter.routing.policies import POLICIES, ExpectedWait, Policy
 
-ABSENT, LOADING, LOADED = 0, 1, 2
-EV_ARRIVAL, EV_PHASE, EV_LOADED, EV_POLL = 0, 1, 2, 3
+__all__ = ["ModelSpec", "RunResult", "Scenario", "simulate"]
 
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    name: str
-    popularity: float
-    prefill: float  # seconds of prompt processing at speed 1
-    tpot: float  # seconds per output token at speed 1
-    load: float  # seconds of cold load (disk-bound: independent of the backend's speed)
-
-
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    speeds: tuple[float, ...]
-    models: tuple[ModelSpec, ...]
-    load: float  # offered load as a fraction of the fleet's compute capacity
-    arrivals: str = "poisson"  # or "bursty"
-    resident_limit: int = 2
-    poll_interval: float = 0.5  # 0: the router sees every sidecar change at once
-    requests: int = 4000  # measured arrivals
-    warmup: int = 1000  # arrivals before those, not measured
-    mean_tokens: float = 150.0
-    expected_tokens: int = 256  # what the router is told (no max_tokens in the request)
-    slo: float = 10.0  # TTFT goal, seconds
-    # Validation only: service time ~ Exp(mean 1 / speed), no prefill, every model resident,
-    # and every server starts with an M/M/1-stationary queue so no long warm-up is needed.
-    exponential: bool = False
-
-    def mean_service(self) -> float:
-        if self.exponential:
-            return 1.0
-        total = sum(m.popularity for m in self.models)
-        return sum(m.popularity / total * (m.prefill + self.mean_tokens * m.tpot)
-                   for m in self.models)
-
-    def arrival_rate(self) -> float:
-        return self.load * sum(self.speeds) / self.mean_service()
-
-
-class _Req:
-    __slots__ = ("arrival", "backend", "decode", "end", "first", "measured", "model", "phase",
-                 "prefill", "remaining", "tokens")
-
-    def __init__(self, model: int, arrival: float, prefill: float, decode: float, tokens: int,
-                 measured: bool) -> None:
-        self.model = model
-        self.arrival = arrival
-        self.prefill = prefill
-        self.decode = decode
-        self.tokens = tokens
-        self.measured = measured
-        self.first = -1.0
-        self.end = -1.0
-        self.phase = 0
-        self.remaining = 0.0
-        self.backend = -1
-
-
-class _Runner:
-    """One model on one backend: its queue, residency and the sidecar's figures for it."""
-
-    __slots__ = ("current", "draining", "in_flight", "last_used", "later", "load_began",
-                 "load_seconds", "queue", "state", "tpot", "ttft", "waiting")
-
-    def __init__(self) -> None:
-        self.state = ABSENT
-        self.queue: deque[_Req] = deque()
-        self.later: deque[_Req] = deque()  # arrived while draining for eviction
-        self.current: _Req | None = None
-        self.draining = False
-        self.last_used = 0.0
-        self.load_began = 0.0
-        self.in_flight = 0
-        self.waiting = 0
-        self.ttft: float | None = None
-        self.tpot: float | None = None
-        self.load_seconds: float | None = None
-
-
-class _Backend:
-    __slots__ = ("active", "idx", "pending", "resident", "runners", "speed", "t", "version")
-
-    def __init__(self, idx: int, speed: float, n_models: int) -> None:
-        self.idx = idx
-        self.speed = speed
-        self.runners = [_Runner() for _ in range(n_models)]
-        self.resident = 0
-        self.pending: deque[int] = deque()  # models waiting for a resident slot
-        self.active: list[_Req] = []
-        self.t = 0.0  # when `remaining` of the active requests was last brought up to date
-        self.version = 0  # phase-end events from before the last change are ignored
-
-
-@dataclass(slots=True)
-class RunResult:
-    p50_ttft: float
-    p99_ttft: float
-    mean_ttft: float
-    mean_sojourn: float  # arrival to last token
-    goodput: float  # measured requests with TTFT <= SLO, per second of the arrival window
-    slo_fraction: float
-    cold_per_1k: float
-    events: int
-
-
-def _percentile(sorted_values: Sequence[float], p: float) -> float:
-    # Nearest rank.
-    return sorted_values[max(0, math.ceil(p * len(sorted_values)) - 1)]
-
-
-class _Sim:
-    def __init__(self, scn: Scenario, policy: Policy, seed: int) -> None:
-        self.scn = scn
-        self.policy = policy
-        # Separate streams: arrivals and request sizes are identical for every policy under one
-        # seed (common random numbers), so policies are compared on the same traffic.
-        self.rng_arrivals = random.Random(seed * 7919 + 1)
-        self.rng_policy = random.Random(seed * 7919 + 2)
-        self.rng_system = random.Random(seed * 7919 + 3)
-        n_models = len(scn.models)
-        self.backends = [_Backend(i, s, n_models) for i, s in enumerate(scn.speeds)]
-        self.cands = [[Candidate(backend=f"b{i}", has_model=True, loaded=False)
-                       for i in range(len(scn.speeds))] for _ in range(n_models)]
-        self.index = {f"b{i}": i for i in range(len(scn.speeds))}
-        self.traits = [RequestTraits(model=m.name, expected_output_tokens=scn.expected_tokens)
-                       for m in scn.models]
-        total = sum(m.popularity for m in scn.models)
-        acc, self.cum = 0.0, []
-        for m in scn.models:
-            acc += m.popularity / total
-            self.cum.append(acc)
-        self.heap: list[tuple[float, int, int, Any, Any, int]] = []
-        self.seq = 0
-        self.now = 0.0
-        self.rate = scn.arrival_rate()
-        self.bursty = scn.arrivals == "bursty"
-        self.burst_on = False
-        self.next_switch = self._dwell(False) if self.bursty else math.inf
-        self.n_arrived = 0
-        self.measured: list[_Req] = []
-        self.unfinished = scn.requests
-        self.window = [math.inf, -math.inf]
-        self.loads: list[float] = []  # start times of cold loads
-        self.live = scn.poll_interval <= 0
-
-    # -- events --------------------------------------------------------------------------------
-
-    def _push(self, t: float, kind: int, a: Any = None, b: Any = None, c: int = 0) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, kind, a, b, c))
-
-    def _dwell(self, on: bool) -> float:
-        # Bursts: 20 s mean at 2.5x; lulls: 60 s mean at 0.5x -> mean rate 1.0x.
-        return self.rng_arrivals.expovariate(1 / 20.0 if on else 1 / 60.0)
-
-    def _next_arrival(self, t: float) -> float:
-        rng = self.rng_arrivals
-        if not self.bursty:
-            return t + rng.expovariate(self.rate)
-        while True:
-            gap = rng.expovariate(self.rate * (2.5 if self.burst_on else 0.5))
-            if t + gap < self.next_switch:
-                return t + gap
-            # Memoryless: restart the gap from the switch at the new rate.
-            t = self.next_switch
-            self.burst_on = not self.burst_on
-            self.next_switch = t + self._dwell(self.burst_on)
-
-    def run(self) -> RunResult:
-        scn = self.scn
-        for b in self.backends:
-            self._initial(b)
-        for b in self.backends:
-            if not self.live:
-                self._poll(b)
-                self._push(self.rng_system.uniform(0, scn.poll_interval), EV_POLL, b)
-            else:
-                for m in range(len(scn.models)):
-                    self._publish(b, m)
-        self._push(self._next_arrival(0.0), EV_ARRIVAL)
-        heap = self.heap
-        pop = heapq.heappop
-        events = 0
-        while self.unfinished > 0:
-            t, _, kind, a, b, c = pop(heap)
-            self.now = t
-            events += 1
-            if kind == EV_PHASE:
-                if c == a.version:
-                    self._phase_end(a, b)
-            elif kind == EV_ARRIVAL:
-                self._arrival()
-                self._push(self._next_arrival(t), EV_ARRIVAL)
-            elif kind == EV_POLL:
-                self._poll(a)
-                self._push(t + scn.poll_interval, EV_POLL, a)
-            else:
-                self._load_done(a, b)
-        return self._result(events)
-
-    def _initial(self, b: _Backend) -> None:
-        scn = self.scn
-        if scn.exponential:
-            for m, r in enumerate(b.runners):
-                r.state = LOADED
-                b.resident += 1
-                # Queue length ~ geometric(load): M/M/1 in equilibrium (the random-choice
-                # answer; two choices relax from there within a few service times).
-                for _ in range(int(math.log(self.rng_system.random()) / math.log(scn.load))):
-                    self._enqueue(b, m, self._new_request(m, measured=False))
-                    self.cands[m][b.idx].router_in_flight += 1
-            return
-        # Start warm: backend i holds models i, i+1, ... (the warm-up absorbs the rest).
-        for k in range(min(scn.resident_limit, len(scn.models))):
-            r = b.runners[(b.idx + k) % len(scn.models)]
-            r.state = LOADED
-            b.resident += 1
-
-    def _new_request(self, m: int, measured: bool) -> _Req:
-        rng = self.rng_arrivals
-        if self.scn.exponential:
-            return _Req(m, self.now, 0.0, rng.expovariate(1.0), 1, measured)
-        spec = self.scn.models[m]
-        tokens = max(1, round(rng.gammavariate(2.0, self.scn.mean_tokens / 2.0)))
-        return _Req(m, self.now, spec.prefill, tokens * spec.tpot, tokens, measured)
-
-    def _arrival(self) -> None:
-        scn = self.scn
-        i = self.n_arrived
-        self.n_arrived += 1
-        m = bisect_right(self.cum, self.rng_arrivals.random())
-        if m >= len(self.cum):
-            m = len(self.cum) - 1
-        measured = scn.warmup <= i < scn.warmup + scn.requests
-        req = self._new_request(m, measured)
-        if measured:
-            self.measured.append(req)
-            self.window[0] = min(self.window[0], self.now)
-            self.window[1] = self.now
-        ranked = self.policy.rank(self.cands[m], self.traits[m], self.rng_policy)
-        chosen = ranked[0]
-        chosen.router_in_flight += 1
-        chosen.router_sent_since_poll += 1
-        self._enqueue(self.backends[self.index[chosen.backend]], m, req)
-
-    # -- backend -------------------------------------------------------------------------------
-
-    def _enqueue(self, b: _Backend, m: int, req: _Req) -> None:
-        req.backend = b.idx
-        run = b.runners[m]
-        run.in_flight += 1
-        run.waiting += 1
-        if run.draining:
-            run.later.append(req)
-        else:
-            run.queue.append(req)
-            if run.state == LOADED:
-                if run.current is None:
-                    self._start(b, m)
-            elif run.state == ABSENT and m not in b.pending:
-                self._need_load(b, m)
-        if self.live:
-            self._publish(b, m)
-
-    def _need_load(self, b: _Backend, m: int) -> None:
-        if b.resident < self.scn.resident_limit:
-            self._begin_load(b, m)
-            return
-        b.pending.append(m)
-        self._make_room(b)
-
-    def _make_room(self, b: _Backend) -> None:
-        """Evict the LRU idle model now; else mark the LRU busy one to drain (one at a time)."""
-        idle, busy = None, None
-        for k, r in enumerate(b.runners):
-            if r.state != LOADED:
-                continue
-            if r.current is None and not r.queue:
-                if idle is None or r.last_used < b.runners[idle].last_used:
-                    idle = k
-            elif r.draining:
-                busy = -1
-            elif busy is None or (busy >= 0 and r.last_used < b.runners[busy].last_used):
-                busy = k
-        if idle is not None:
-            self._evict(b, idle)
-        elif busy is not None and busy >= 0:
-            b.runners[busy].draining = True
-
-    def _evict(self, b: _Backend, m: int) -> None:
-        run = b.runners[m]
-        run.state = ABSENT
-        run.draining = False
-        b.resident -= 1
-        if self.live:
-            self._publish(b, m)
-        if b.pending:
-            self._begin_load(b, b.pending.popleft())
-        if run.later:  # requests that came while it drained need it back
-            run.queue.extend(run.later)
-            run.later.clear()
-            b.pending.append(m)
-        if b.pending:
-            self._make_room(b)
-        else:  # nothing waits for room any more: whoever still drains may keep its model
-            for r in b.runners:
-                if r.draining:
-                    r.draining = False
-                    r.queue.extend(r.later)
-                    r.later.clear()
-
-    def _begin_load(self, b: _Backend, m: int) -> None:
-        run = b.runners[m]
-        run.state = LOADING
-        run.load_began = self.now
-        b.resident += 1
-        if self.window[0] <= self.now and self.unfinished > 0:
-            self.loads.append(self.now)
-        seconds = self.scn.models[m].load * self.rng_system.uniform(0.9, 1.1)
-        self._push(self.now + seconds, EV_LOADED, b, m)
-
-    def _load_done(self, b: _Backend, m: int) -> None:
-        run = b.runners[m]
-        run.state = LOADED
-        run.last_used = self.now
-        # The sidecar measures it (llmtap_model_load_duration_seconds); the router learns it.
-        run.load_seconds = ewma(run.load_seconds, self.now - run.load_began)
-        if run.queue:
-            self._start(b, m)
-        if b.pending:
-            self._make_room(b)
-        if self.live:
-            self._publish(b, m)
-
-    def _sync(self, b: _Backend) -> None:
-        """Bring the active requests' remaining work up to now (processor sharing)."""
-        active = b.active
-        if active:
-            done = (self.now - b.t) * b.speed / len(active)
-            for r in active:
-                r.remaining -= done
-        b.t = self.now
-
-    def _reschedule(self, b: _Backend) -> None:
-        b.version += 1
-        active = b.active
-        if not active:
-            return
-        per = len(active) / b.speed  # seconds per unit of work, each
-        for r in active:
-            self._push(self.now + max(r.remaining, 0.0) * per, EV_PHASE, b, r, b.version)
-
-    def _start(self, b: _Backend, m: int) -> None:
-        run = b.runners[m]
-        req = run.queue.popleft()
-        run.current = req
-        run.last_used = self.now
-        self._sync(b)
-        if req.prefill > 0:
-            req.phase, req.remaining = 0, req.prefill
-        else:  # nothing to prefill: the first token comes as work begins
-            self._first_token(run, req)
-            req.phase, req.remaining = 1, req.decode
-        b.active.append(req)
-        self._reschedule(b)
-
-    def _first_token(self, run: _Runner, req: _Req) -> None:
-        req.first = self.now
-        run.waiting -= 1
-
-    def _phase_end(self, b: _Backend, req: _Req) -> None:
-        self._sync(b)
-        m = req.model
-        run = b.runners[m]
-        if req.phase == 0:
-            self._first_token(run, req)
-            req.phase, req.remaining = 1, req.decode
-            self._reschedule(b)
-            if self.live:
-                self._publish(b, m)
-            return
-        # Finished.
-        req.end = self.now
-        b.active.remove(req)
-        run.current = None
-        run.last_used = self.now
-        run.in_flight -= 1
-        run.ttft = ewma(run.ttft, req.first - req.arrival)
-        if req.tokens > 1:
-            run.tpot = ewma(run.tpot, (req.end - req.first) / (req.tokens - 1))
-        self.cands[m][b.idx].router_in_flight -= 1
-        if req.measured:
-            self.unfinished -= 1
-        if run.draining and not run.queue:
-            self._evict(b, m)
-        elif run.queue:
-            self._start(b, m)
-        if b.pending:  # busy models never go idle under overload: make room by draining one
-            self._make_room(b)
-        self._reschedule(b)
-        if self.live:
-            self._publish(b, m)
-
-    # -- what the router sees ------------------------------------------------------------------
-
-    def _publish(self, b: _Backend, m: int) -> None:
-        run = b.runners[m]
-        c = self.cands[m][b.idx]
-        c.in_flight = run.in_flight
-        c.waiting = run.waiting
-        c.loaded = run.state == LOADED
-        c.ttft = run.ttft
-        c.tpot = run.tpot
-        c.load_seconds = run.load_seconds
-        c.router_sent_since_poll = 0
-        c.router_in_flight_at_poll = c.router_in_flight
-
-    def _poll(self, b: _Backend) -> None:
-        for m in range(len(b.runners)):
-            self._publish(b, m)
-
-    def _result(self, events: int) -> RunResult:
-        reqs = self.measured
-        ttfts = sorted(r.first - r.arrival for r in reqs)
-        slo = self.scn.slo
-        good = sum(1 for x in ttfts if x <= slo)
-        span = max(self.window[1] - self.window[0], 1e-9)
-        lo, hi = self.window
-        cold = sum(1 for t in self.loads if lo <= t <= hi)
-        return RunResult(
-            p50_ttft=_percentile(ttfts, 0.50),
-            p99_ttft=_percentile(ttfts, 0.99),
-            mean_ttft=statistics.fmean(ttfts),
-            mean_sojourn=statistics.fmean(r.end - r.arrival for r in reqs),
-            goodput=good / span,
-            slo_fraction=good / len(ttfts),
-            cold_per_1k=1000.0 * cold / len(reqs),
-            events=events,
-        )
-
-
-def simulate(scn: Scenario, policy: str | Callable[[], Policy], seed: int) -> RunResult:
-    factory = POLICIES[policy] if isinstance(policy, str) else policy
-    return _Sim(scn, factory(), seed).run()
-
+TUNE_SEEDS = tuple(range(100, 108))
+REPORT_SEEDS = tuple(range(200, 210))
 
 # -- statistics ----------------------------------------------------------------------------------
 
@@ -516,16 +54,48 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
+# -- policies ------------------------------------------------------------------------------------
+
+
+class OldPick(ExpectedWait):
+    """expected_wait's estimate with the pick it had before: a pool of at most 3 within 1.25 x
+    the best + 50 ms, ties in config order (a stable sort). Only here, to show what that does
+    to many replicas."""
+
+    name = "expected_wait_pool3"
+
+    def __init__(self) -> None:
+        super().__init__(slack=1.25, slack_seconds=0.05, pool=3)
+
+    def tie_break(self, rng: random.Random) -> float:
+        return 0.0
+
+
+EXTRA: dict[str, Callable[[], Policy]] = {OldPick.name: OldPick}
+
+
+def factory(name: str) -> Callable[[], Policy]:
+    return EXTRA.get(name) or POLICIES[name]
+
+
 # -- the experiments -----------------------------------------------------------------------------
 
 FLEET_SPEEDS = (1.0, 1.0, 0.5, 2.0)
+# Prefill per prompt token at 1x: a mean prompt (500 tokens) costs what a request's prefill
+# cost before prompt lengths were modelled (0.25, 0.4, 0.2, 0.1 s).
 FLEET_MODELS = (
-    ModelSpec("llama3.1:8b", 0.45, prefill=0.25, tpot=0.025, load=4.0),
-    ModelSpec("qwen2.5:14b", 0.25, prefill=0.40, tpot=0.045, load=7.0),
-    ModelSpec("mistral:7b", 0.18, prefill=0.20, tpot=0.022, load=4.0),
-    ModelSpec("phi3:3.8b", 0.12, prefill=0.10, tpot=0.012, load=2.5),
+    ModelSpec("llama3.1:8b", 0.45, prefill_per_token=0.0005, tpot=0.025, load=4.0),
+    ModelSpec("qwen2.5:14b", 0.25, prefill_per_token=0.0008, tpot=0.045, load=7.0),
+    ModelSpec("mistral:7b", 0.18, prefill_per_token=0.0004, tpot=0.022, load=4.0),
+    ModelSpec("phi3:3.8b", 0.12, prefill_per_token=0.0002, tpot=0.012, load=2.5),
 )
-COMPARED = ("round_robin", "least_outstanding", "power_of_two", "expected_wait", "random")
+COMPARED = ("round_robin", "least_outstanding", "power_of_two", "residency_first",
+            "expected_wait", "random")
+HERD_BACKENDS = 32
+HERD_REPLICAS = 16
+HERD_LOAD = 0.7
+HERD_COMPARED = ("random", "power_of_two", "residency_first", "expected_wait_pool3",
+                 "expected_wait")
 THEORY_RANDOM = 10.0  # M/M/1 at 0.9: 1 / (1 - 0.9)
 THEORY_TWO = sum(0.9 ** (2**i - 2) for i in range(1, 12))  # supermarket model, d = 2: 2.61
 
@@ -558,28 +128,132 @@ def fleet(load: float, arrivals: str = "poisson", requests: int = 3000) -> Scena
                     requests=requests, warmup=requests // 4)
 
 
+def herd(replicas: int, aligned: bool = True, requests: int = 4000,
+         backends: int = HERD_BACKENDS, load: float = HERD_LOAD,
+         mean_tokens: float = 150.0) -> Scenario:
+    """Equal backends, one resident model, several router replicas: where herding shows."""
+    return Scenario(speeds=(1.0,) * backends, models=FLEET_MODELS[:1], load=load,
+                    resident_limit=1, requests=requests, warmup=requests // 4,
+                    replicas=replicas, aligned_polls=aligned, mean_tokens=mean_tokens)
+
+
 @dataclass(slots=True)
 class Cell:
     arrivals: str
     load: float
     policy: str
     runs: list[RunResult] = field(default_factory=list)
+    setting: str = ""  # the herd table's scenario
 
     def stat(self, name: str) -> tuple[float, float]:
         return mean_ci([getattr(r, name) for r in self.runs])
 
 
-def compare(loads: Sequence[float], arrivals: Sequence[str], seeds: int, requests: int,
-            policies: Sequence[str] = COMPARED) -> list[Cell]:
+def compare(loads: Sequence[float], arrivals: Sequence[str], seeds: Sequence[int] | int,
+            requests: int, policies: Sequence[str] = COMPARED) -> list[Cell]:
+    seed_list = range(seeds) if isinstance(seeds, int) else seeds
     cells = []
     for pattern in arrivals:
         for load in loads:
             scn = fleet(load, pattern, requests)
             for name in policies:
                 cell = Cell(pattern, load, name)
-                cell.runs = [simulate(scn, name, s) for s in range(seeds)]
+                cell.runs = [simulate(scn, factory(name), s) for s in seed_list]
                 cells.append(cell)
     return cells
+
+
+# (label, replicas, polls in phase, mean output tokens). Answers of 150 tokens keep a backend
+# about 4 s, eight polls; of 15 tokens about 0.6 s, about one poll: there most of the fleet
+# changes between two polls, and herding bites hardest.
+HERD_SETTINGS = tuple(
+    (f"{tokens} tokens, {label}", replicas, aligned, tokens)
+    for tokens in (150, 15)
+    for label, replicas, aligned in (
+        ("1 router", 1, True),
+        (f"{HERD_REPLICAS} replicas, polls in phase", HERD_REPLICAS, True),
+        (f"{HERD_REPLICAS} replicas, own poll phases", HERD_REPLICAS, False)))
+
+
+def compare_herd(seeds: Sequence[int], requests: int,
+                 policies: Sequence[str] = HERD_COMPARED,
+                 settings: Sequence[tuple[str, int, bool, int]] = HERD_SETTINGS) -> list[Cell]:
+    cells = []
+    for label, replicas, aligned, tokens in settings:
+        scn = herd(replicas, aligned, requests, mean_tokens=tokens)
+        for name in policies:
+            cell = Cell("poisson", HERD_LOAD, name, setting=label)
+            cell.runs = [simulate(scn, factory(name), s) for s in seeds]
+            cells.append(cell)
+    return cells
+
+
+def paired(a: Cell, b: Cell, stat: str) -> tuple[float, float]:
+    """Mean and 95% CI of (a - b) over the seeds both ran (the same traffic)."""
+    return mean_ci([getattr(x, stat) - getattr(y, stat)
+                    for x, y in zip(a.runs, b.runs, strict=True)])
+
+
+# -- tuning --------------------------------------------------------------------------------------
+
+TUNE_GRID = {"cold_penalty": (2.0, 4.0, 8.0, 16.0), "slack": (1.0, 1.1, 1.25, 1.5),
+             "slack_seconds": (0.0, 0.05, 0.5)}
+TUNE_LOADS = (0.3, 0.6, 0.9)
+
+
+@dataclass(slots=True)
+class Tuned:
+    settings: dict[str, float]
+    fleet: float  # mean over the fleet's cells of the smaller relative gain over residency_first
+    herd: float  # mean over the many-replica settings of the relative gain over power_of_two
+    score: float  # the mean over all those cells
+
+
+def _mean_of(scn: Scenario, make: Callable[[], Policy], seeds: Sequence[int],
+             stat: str) -> float:
+    return statistics.fmean(getattr(simulate(scn, make, seed), stat) for seed in seeds)
+
+
+def tune(seeds: Sequence[int] = TUNE_SEEDS, requests: int = 2000,
+         loads: Sequence[float] = TUNE_LOADS, herd_seeds: Sequence[int] = TUNE_SEEDS[:4],
+         herd_requests: int = 1500) -> list[Tuned]:
+    """Every grid point on the tuning seeds, best first. A fleet cell scores the smaller of
+    the two relative gains over residency_first (goodput, p99 TTFT: the goal is to beat it on
+    both); a many-replica setting, the relative gain in mean TTFT over power_of_two. The
+    score is the mean over all of them. (The many-replica fleet has every model resident:
+    the cold penalty does not matter there, so it runs once per slack.)"""
+    fleets = {(p, load): fleet(load, p, requests) for p in ("poisson", "bursty")
+              for load in loads}
+    base = {key: (_mean_of(scn, POLICIES["residency_first"], seeds, "goodput"),
+                  _mean_of(scn, POLICIES["residency_first"], seeds, "p99_ttft"))
+            for key, scn in fleets.items()}
+    herds = [herd(replicas, aligned, herd_requests, mean_tokens=tokens)
+             for _, replicas, aligned, tokens in HERD_SETTINGS]
+    herd_base = [_mean_of(scn, POLICIES["power_of_two"], herd_seeds, "mean_ttft")
+                 for scn in herds]
+    herd_gain: dict[tuple[float, float], list[float]] = {}
+    out = []
+    names = list(TUNE_GRID)
+    for values in itertools.product(*TUNE_GRID.values()):
+        settings = dict(zip(names, values, strict=True))
+        slack = (settings["slack"], settings["slack_seconds"])
+        make = functools.partial(ExpectedWait, *slack, settings["cold_penalty"])
+        gains = []
+        for key, scn in fleets.items():
+            gp0, p990 = base[key]
+            gp = _mean_of(scn, make, seeds, "goodput")
+            p99 = _mean_of(scn, make, seeds, "p99_ttft")
+            gains.append(min((gp - gp0) / gp0, (p990 - p99) / p990))
+        if slack not in herd_gain:
+            herd_gain[slack] = [(b - _mean_of(scn, make, herd_seeds, "mean_ttft")) / b
+                                for scn, b in zip(herds, herd_base, strict=True)]
+        both = gains + herd_gain[slack]
+        out.append(Tuned(settings, statistics.fmean(gains), statistics.fmean(herd_gain[slack]),
+                         statistics.fmean(both)))
+    return sorted(out, key=lambda t: -t.score)
+
+
+# -- the report ----------------------------------------------------------------------------------
 
 
 def _fmt(stat: tuple[float, float], digits: int = 2) -> str:
@@ -587,14 +261,112 @@ def _fmt(stat: tuple[float, float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def render(validation: Validation, cells: list[Cell], seeds: int, requests: int,
-           command: str, seconds: float) -> str:
+def _clear(stat: tuple[float, float]) -> str:
+    """Is the paired difference's 95% interval clear of zero, and on which side?"""
+    mean, half = stat
+    if math.isnan(half) or abs(mean) <= half:
+        return "not clear"
+    return "better" if mean > 0 else "worse"
+
+
+def _fleet_tables(cells: list[Cell]) -> list[str]:
+    lines: list[str] = []
+    patterns = sorted({c.arrivals for c in cells}, key=["poisson", "bursty"].index)
+    for pattern in patterns:
+        lines += [f"### {pattern.capitalize()} arrivals", "",
+                  "| load | policy | p50 TTFT | p99 TTFT | goodput req/s | in SLO % | cold /1k |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in cells:
+            if c.arrivals != pattern:
+                continue
+            slo = c.stat("slo_fraction")
+            lines.append(
+                f"| {c.load:.0%} | {c.policy} | {_fmt(c.stat('p50_ttft'))} | "
+                f"{_fmt(c.stat('p99_ttft'), 1)} | {_fmt(c.stat('goodput'), 3)} | "
+                f"{slo[0] * 100:.1f} ± {slo[1] * 100:.1f} | {_fmt(c.stat('cold_per_1k'), 0)} |")
+        lines.append("")
+    return lines
+
+
+def herd_table(cells: list[Cell]) -> list[str]:
+    lines = ["| setting | policy | mean TTFT | p99 TTFT | mean / power_of_two's |",
+             "|---|---|---|---|---|"]
+    by = {(c.setting, c.policy): c for c in cells}
+    for c in cells:
+        two = by.get((c.setting, "power_of_two"))
+        ratio = c.stat("mean_ttft")[0] / two.stat("mean_ttft")[0] if two else math.nan
+        lines.append(f"| {c.setting} | {c.policy} | {_fmt(c.stat('mean_ttft'), 3)} | "
+                     f"{_fmt(c.stat('p99_ttft'), 2)} | {ratio:.2f} |")
+    return [*lines, ""]
+
+
+def herd_verdict(cells: list[Cell]) -> list[str]:
+    """The many-replica goals for expected_wait, paired by seed (the arrivals are the same
+    for every policy and every number of replicas under one seed)."""
+    by = {(c.setting, c.policy): c for c in cells}
+    out = ["| answers | mean TTFT, 16 replicas in phase | power_of_two's (same) | 1 router's | "
+           "EW16 - 1.1 x P2 | | EW16 - 1.1 x EW1 | |", "|---|---|---|---|---|---|---|---|"]
+    for tokens in sorted({int(c.setting.split()[0]) for c in cells}, reverse=True):
+        prefix = f"{tokens} tokens, "
+        many = by.get((prefix + f"{HERD_REPLICAS} replicas, polls in phase", "expected_wait"))
+        two = by.get((prefix + f"{HERD_REPLICAS} replicas, polls in phase", "power_of_two"))
+        one = by.get((prefix + "1 router", "expected_wait"))
+        if many is None or two is None or one is None:
+            continue
+        d_two = mean_ci([m.mean_ttft - 1.1 * t.mean_ttft
+                         for m, t in zip(many.runs, two.runs, strict=True)])
+        d_one = mean_ci([m.mean_ttft - 1.1 * o.mean_ttft
+                         for m, o in zip(many.runs, one.runs, strict=True)])
+        out.append(f"| {tokens} tokens | {_fmt(many.stat('mean_ttft'), 3)} | "
+                   f"{_fmt(two.stat('mean_ttft'), 3)} | {_fmt(one.stat('mean_ttft'), 3)} | "
+                   f"{_fmt(d_two, 3)} | {_met(d_two)} | {_fmt(d_one, 3)} | {_met(d_one)} |")
+    return [*out, ""]
+
+
+def _met(stat: tuple[float, float]) -> str:
+    """A goal `x <= 0` from a paired difference: met (interval below 0), missed (above)."""
+    mean, half = stat
+    if math.isnan(half) or abs(mean) <= half:
+        return "not clear"
+    return "met" if mean < 0 else "missed"
+
+
+def verdict(cells: list[Cell], against: Sequence[str] = ("residency_first",
+                                                          "least_outstanding")) -> list[str]:
+    """Paired over seeds (same traffic): does expected_wait beat each baseline?"""
+    out = ["| arrivals | load | vs | Δ p99 TTFT (s) | | Δ goodput (req/s) | |",
+           "|---|---|---|---|---|---|---|"]
+    by_key = {(c.arrivals, c.load, c.policy): c for c in cells}
+    for (pattern, load, name), ew in by_key.items():
+        if name != "expected_wait":
+            continue
+        for base in against:
+            other = by_key.get((pattern, load, base))
+            if other is None:
+                continue
+            d99 = paired(other, ew, "p99_ttft")
+            dgp = paired(ew, other, "goodput")
+            out.append(f"| {pattern} | {load:.0%} | {base} | {_fmt(d99, 1)} | {_clear(d99)} | "
+                       f"{_fmt(dgp, 3)} | {_clear(dgp)} |")
+    return [*out, ""]
+
+
+def render(validation: Validation, cells: list[Cell], seeds: Sequence[int] | int,
+           requests: int, command: str, seconds: float, herd_cells: Sequence[Cell] = (),
+           wall: float | None = None) -> str:
     v = validation
+    seed_list = list(range(seeds) if isinstance(seeds, int) else seeds)
     f = fleet(0.9, requests=requests)
+    timing = f"{seconds:.0f} s of CPU" + (f", {wall:.0f} s wall" if wall is not None else "")
+    ew = ExpectedWait()
     lines = [
         "# Routing policies: simulation results",
         "",
-        f"Made by `{command}` in {seconds:.0f} s (one core). Mean ± 95% CI over seeds.",
+        f"Made by `{command}` in {timing} (one core). Mean ± 95% CI over seeds "
+        f"{_seeds(seed_list)} (the report seeds). expected_wait's settings (cold_penalty "
+        f"{ew.cold_penalty:g}, slack {ew.slack:g}, slack_seconds {ew.slack_seconds:g}) were "
+        f"chosen by `--tune` on seeds {_seeds(list(TUNE_SEEDS))}, which no table here uses "
+        "(its table: `tuning.md`).",
         "",
         "## Validation against theory",
         "",
@@ -610,82 +382,108 @@ def render(validation: Validation, cells: list[Cell], seeds: int, requests: int,
         "## Heterogeneous fleet, stale metrics",
         "",
         f"Backends at speeds {', '.join(f'{s:g}x' for s in FLEET_SPEEDS)}; models (popularity, "
-        "prefill / TPOT at 1x, cold load): "
-        + "; ".join(f"{m.name} ({m.popularity:.0%}, {m.prefill:g} s / {m.tpot * 1000:g} ms, "
-                    f"{m.load:g} s)" for m in FLEET_MODELS)
+        "prefill per prompt token / TPOT at 1x, cold load): "
+        + "; ".join(f"{m.name} ({m.popularity:.0%}, {m.prefill_per_token * 1000:g} ms / "
+                    f"{m.tpot * 1000:g} ms, {m.load:g} s)" for m in FLEET_MODELS)
         + f". Sequential per model, at most {f.resident_limit} resident per backend (LRU), "
-        f"output tokens ~ Gamma(2) with mean {f.mean_tokens:g} (the router assumes "
-        f"{f.expected_tokens}), state polled every {f.poll_interval:g} s. "
-        f"{requests:,} measured requests per run after a warm-up, {seeds} seeds, the same "
-        "traffic for every policy under one seed. Load is the offered fraction of the fleet's "
-        "compute (cold loads come on top). TTFT in seconds; goodput = requests per second "
-        f"whose TTFT met the SLO of {f.slo:g} s (in SLO = their share); cold = model "
+        f"output tokens ~ Gamma(2) with mean {f.mean_tokens:g}, prompt tokens log-normal with "
+        f"mean {f.mean_prompt_tokens:g} (sigma {f.prompt_sigma:g}; the router is told each within "
+        f"±25%), state polled every {f.poll_interval:g} s. "
+        f"{requests:,} measured requests per run after a warm-up, {len(seed_list)} seeds, the "
+        "same traffic for every policy under one seed. Load is the offered fraction of the "
+        "fleet's compute (cold loads come on top). TTFT in seconds; goodput = requests per "
+        f"second whose TTFT met the SLO of {f.slo:g} s (in SLO = their share); cold = model "
         "loads per 1,000 requests.",
         "",
+        *_fleet_tables(cells),
+        "## expected_wait against the baselines, paired by seed",
+        "",
+        "Difference (baseline - expected_wait) in p99 TTFT and (expected_wait - baseline) in "
+        "goodput: positive = expected_wait better; `better` / `worse` = the paired 95% "
+        "interval is clear of zero on that side, `not clear` = it is not.",
+        "",
+        *verdict(cells),
     ]
-    patterns = sorted({c.arrivals for c in cells}, key=["poisson", "bursty"].index)
-    for pattern in patterns:
-        lines += [f"### {pattern.capitalize()} arrivals", "",
-                  "| load | policy | p50 TTFT | p99 TTFT | goodput req/s | in SLO % | cold /1k |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in cells:
-            if c.arrivals != pattern:
-                continue
-            slo = c.stat("slo_fraction")
-            lines.append(
-                f"| {c.load:.0%} | {c.policy} | {_fmt(c.stat('p50_ttft'))} | "
-                f"{_fmt(c.stat('p99_ttft'), 1)} | {_fmt(c.stat('goodput'), 3)} | "
-                f"{slo[0] * 100:.1f} ± {slo[1] * 100:.1f} | {_fmt(c.stat('cold_per_1k'), 0)} |")
-        lines.append("")
-    lines += _verdict(cells)
+    if herd_cells:
+        lines += [
+            "## Many router replicas",
+            "",
+            f"{HERD_BACKENDS} equal backends (speed 1x, {FLEET_MODELS[0].name} resident on "
+            f"each, served one at a time), Poisson arrivals at {HERD_LOAD:.0%} load, answers "
+            "of 150 tokens on average (a backend busy about 4 s a request, 8 polls) or 15 "
+            "(about 0.6 s, one poll), each arrival to a router replica at random; each replica "
+            "has its own policy instance and counts. Polls in phase: every replica reads every "
+            "sidecar at the same instants (the herd's worst case); own poll phases: each "
+            "(replica, sidecar) pair on its own. `expected_wait_pool3` is the estimate with the "
+            "old pick (a pool of at most 3 within 1.25 x best + 50 ms, "
+            f"ties in config order). {len(seed_list)} seeds, TTFT in seconds.",
+            "",
+            *herd_table(list(herd_cells)),
+            "The goals, paired by seed: expected_wait's mean TTFT with 16 replicas polling "
+            "in phase at most 1.1 x power_of_two's there (EW16 - 1.1 x P2 below 0), and at "
+            "most 1.1 x its own with one router (EW16 - 1.1 x EW1 below 0):",
+            "",
+            *herd_verdict(list(herd_cells)),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _verdict(cells: list[Cell]) -> list[str]:
-    """Paired over seeds (same traffic): does expected_wait beat each baseline?"""
-    out = ["## expected_wait against the baselines, paired by seed", "",
-           "Difference (baseline - expected_wait) in p99 TTFT (s) and (expected_wait - baseline) "
-           "in goodput (req/s): positive = expected_wait better.", "",
-           "| arrivals | load | vs | Δ p99 TTFT | Δ goodput |", "|---|---|---|---|---|"]
-    by_key = {(c.arrivals, c.load, c.policy): c for c in cells}
-    for (pattern, load, name), ew in by_key.items():
-        if name != "expected_wait":
-            continue
-        for base in ("least_outstanding", "round_robin"):
-            other = by_key.get((pattern, load, base))
-            if other is None:
-                continue
-            d99 = [o.p99_ttft - e.p99_ttft for o, e in zip(other.runs, ew.runs, strict=True)]
-            dgp = [e.goodput - o.goodput for o, e in zip(other.runs, ew.runs, strict=True)]
-            out.append(f"| {pattern} | {load:.0%} | {base} | {_fmt(mean_ci(d99), 1)} | "
-                       f"{_fmt(mean_ci(dgp), 3)} |")
-    return [*out, ""]
+def _seeds(seeds: list[int]) -> str:
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _tune_report(results: list[Tuned], seconds: float) -> str:
+    lines = ["| " + " | ".join(TUNE_GRID) + " | fleet | many replicas | score |",
+             "|" + "---|" * (len(TUNE_GRID) + 3)]
+    for t in results:
+        lines.append("| " + " | ".join(f"{t.settings[k]:g}" for k in TUNE_GRID)
+                     + f" | {t.fleet:+.3f} | {t.herd:+.3f} | {t.score:+.3f} |")
+    return (f"Tuning on seeds {_seeds(list(TUNE_SEEDS))} (the many-replica settings on the "
+            f"first 4 of them), fleet loads {', '.join(f'{x:.0%}' for x in TUNE_LOADS)}, "
+            f"Poisson and bursty, and every many-replica setting ({seconds:.0f} s wall). "
+            "fleet = mean over its cells of the smaller relative gain over residency_first "
+            "(in goodput, in p99 TTFT); many replicas = mean relative gain in mean TTFT over "
+            "power_of_two; score = the mean over all those cells.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a tiny run; prints, writes nothing")
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--tune", action="store_true",
+                        help="grid-search expected_wait's settings on the tuning seeds")
+    parser.add_argument("--seeds", type=int, default=len(REPORT_SEEDS))
     parser.add_argument("--requests", type=int, default=3000, help="measured per run")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     args = parser.parse_args(argv)
-    started = time.process_time()
+    started, wall = time.process_time(), time.perf_counter()
+    if args.tune:
+        text = _tune_report(tune(), time.perf_counter() - wall)
+        args.out.with_name("tuning.md").write_text("# expected_wait's settings: tuning\n\n"
+                                                    "Made by `python -m benchmarks.routing."
+                                                    "simulate --tune`.\n\n" + text)
+        sys.stdout.write(text)
+        return 0
     validation = validate(quick=args.quick)
     if args.quick:
-        cells = compare([0.9], ["poisson"], seeds=2, requests=600)
-        seeds, requests = 2, 600
+        seeds: Sequence[int] = REPORT_SEEDS[:2]
+        requests = 600
+        cells = compare([0.9], ["poisson"], seeds, requests)
+        herd_cells = compare_herd(seeds, 1000, ("power_of_two", "expected_wait"))
     else:
-        cells = compare([0.3, 0.6, 0.9, 1.1], ["poisson", "bursty"], args.seeds, args.requests)
-        seeds, requests = args.seeds, args.requests
+        seeds, requests = REPORT_SEEDS[:args.seeds], args.requests
+        cells = compare([0.3, 0.6, 0.9, 1.1], ["poisson", "bursty"], seeds, requests)
+        herd_cells = compare_herd(seeds, 3000)
     command = "python -m benchmarks.routing.simulate" + (" --quick" if args.quick else "")
-    if not args.quick and (args.seeds != 10 or args.requests != 3000):
+    if not args.quick and (args.seeds != len(REPORT_SEEDS) or args.requests != 3000):
         command += f" --seeds {args.seeds} --requests {args.requests}"
-    text = render(validation, cells, seeds, requests, command, time.process_time() - started)
-    if args.quick:
-        sys.stdout.write(text)
-    else:
+    text = render(validation, cells, seeds, requests, command, time.process_time() - started,
+                  herd_cells, time.perf_counter() - wall)
+    if not args.quick:
         args.out.write_text(text)
-        sys.stdout.write(text)
+    sys.stdout.write(text)
     return 0
 
 

@@ -18,10 +18,12 @@ Unhealthy candidates and those known not to have the model are never returned.
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # Stand-ins when neither the candidate nor any other candidate for the model has a measurement
 # yet: deliberately pessimistic, so an unmeasured backend does not look free.
@@ -50,12 +52,21 @@ class Candidate:
     # splits into this router's requests (known exactly, now) and other clients' (as polled);
     # None falls back to max(router_in_flight, in_flight + router_sent_since_poll).
     router_in_flight_at_poll: int | None = None
+    # Measured by the sidecar, per model (EWMAs; None = not measured yet):
+    service: float | None = None  # seconds one request occupies the model (start of work to end)
+    prefill: float | None = None  # seconds of prompt processing per request
+    prefill_per_token: float | None = None  # seconds per evaluated prompt token
+    arrival_rate: float | None = None  # requests/s arriving there for this model, all clients
+    state_age: float = 0.0  # seconds since the state above was polled
 
 
 @dataclass(slots=True)
 class RequestTraits:
     model: str
-    expected_output_tokens: int = 256  # from max_tokens / num_predict when given
+    # Output length assumed for the work queued ahead where no service time is measured yet.
+    # Not the incoming request's max_tokens: its own length does not delay its first token.
+    expected_output_tokens: int = 256
+    prompt_tokens: int | None = None  # the incoming prompt's length (estimated: characters / 4)
 
 
 class Policy(Protocol):
@@ -191,130 +202,323 @@ class PowerOfTwo:
 
 
 def _queue_ahead(c: Candidate) -> int:
-    """Requests for this model that are at the backend and will be served before a new one."""
+    """Requests for this model at the backend, known or polled, that a new one waits behind:
+    this router's own (exact, now) and other clients' as the sidecar saw them at the poll."""
     if c.router_in_flight_at_poll is not None:
-        # Own requests known exactly now; other clients' as the sidecar saw them at the poll.
         return c.router_in_flight + max(0, c.in_flight - c.router_in_flight_at_poll)
     return max(c.router_in_flight, c.in_flight + c.router_sent_since_poll)
 
 
-def _estimate(c: Candidate, tokens: int, ttft: float, tpot: float, load: float) -> float:
-    # See ExpectedWait for the formula.
-    if c.is_cloud:
-        return ttft
-    decode = tokens * tpot
-    # The sidecar's TTFT EWMA runs from arrival, so it also holds past queueing and loads;
-    # capped at one decode's worth it stands in for the prompt time without counting the
-    # queue twice.
-    prefill = min(ttft, decode)
-    service = prefill + decode
-    slots = c.parallel if c.parallel > 0 else 1
-    ahead = _queue_ahead(c)
-    # With n ahead on s slots, n - s + 1 of them must finish before ours starts; the first of
-    # those is half done on average.
-    wait = (ahead - slots + 0.5) * service / slots if ahead >= slots else 0.0
-    if c.loaded is False:
-        wait += load
-    elif c.loaded is None:
-        wait += 0.5 * load  # unknown: could be either
-    return wait + prefill
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What the other candidates for the model say, for a candidate that has not measured a
+    figure yet (medians), and the share of the sidecars' requests sent by other clients."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    load: float | None = None
+    service: float | None = None
+    prefill: float | None = None
+    prefill_per_token: float | None = None
+    others_share: float | None = None
 
 
-def expected_ttft(candidate: Candidate, request: RequestTraits) -> float:
-    """Estimated seconds to first token at this candidate (see ExpectedWait); no fleet context,
-    so unmeasured figures take the module defaults."""
-    return _estimate(
-        candidate,
-        request.expected_output_tokens,
-        candidate.ttft if candidate.ttft is not None else DEFAULT_TTFT_SECONDS,
-        candidate.tpot if candidate.tpot is not None else DEFAULT_TPOT_SECONDS,
-        candidate.load_seconds if candidate.load_seconds is not None else DEFAULT_LOAD_SECONDS,
-    )
+NO_FLEET = Fleet()
 
 
-def _median(values: list[float], default: float) -> float:
+def _median(values: list[float]) -> float | None:
     if not values:
-        return default
+        return None
     values.sort()
     n = len(values)
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
+def fleet_figures(candidates: Sequence[Candidate]) -> Fleet:
+    local = [c for c in candidates if not c.is_cloud]
+
+    def median(field: str) -> float | None:
+        return _median([v for c in local if (v := getattr(c, field)) is not None])
+
+    # Other clients' share of what the sidecars had in flight at their polls: 0 for a router
+    # alone, about (R - 1) / R for one of R equal replicas. Fleet-wide, because a backend that
+    # was idle at its poll (the one every replica would pick) says nothing about it itself.
+    polled = [c for c in local if c.router_in_flight_at_poll is not None and not c.stale]
+    total = sum(c.in_flight for c in polled)
+    others = sum(max(0, c.in_flight - (c.router_in_flight_at_poll or 0)) for c in polled)
+    return Fleet(ttft=median("ttft"), tpot=median("tpot"), load=median("load_seconds"),
+                 service=median("service"), prefill=median("prefill"),
+                 prefill_per_token=median("prefill_per_token"),
+                 others_share=others / total if total > 0 else None)
+
+
+def _first(*values: float | None) -> float:
+    for v in values:
+        if v is not None:
+            return v
+    raise ValueError("no value")  # callers end with a default
+
+
+def _others_since_poll(c: Candidate, share: float | None) -> float:
+    """Requests other clients (other router replicas) probably sent there since the poll, from
+    this backend alone: its arrival rate x the state's age, the others' share of it."""
+    if not c.arrival_rate or c.state_age <= 0:
+        return 0.0
+    arrived = c.arrival_rate * c.state_age
+    if share is not None:
+        return share * arrived
+    # No fleet to tell the share: all of it, less what this router itself sent.
+    return max(0.0, arrived - c.router_sent_since_poll)
+
+
+def _services_ahead(n: float, slots: int, running: int) -> float:
+    """Services (of service / slots seconds each) before a slot frees, with n ahead.
+
+    With k ahead on s slots, k - s of them must finish, and then the first in service: half
+    its work is left on average when it is decoding, nearly all when the sidecar saw none of
+    them past the first token (prefill or just begun). A fractional n (the estimate of other
+    clients' sends) interpolates between the whole numbers around it."""
+    head = 1.0 - 0.5 * min(1.0, running / slots)
+
+    def whole(k: int) -> float:
+        return k - slots + head if k >= slots else 0.0
+
+    low = math.floor(n)
+    frac = n - low
+    return whole(low) if frac == 0 else (1 - frac) * whole(low) + frac * whole(low + 1)
+
+
+@dataclass(slots=True)
+class _Parts:
+    """One candidate's estimate taken apart: E[TTFT] as a function of other clients' sends
+    since the poll (`unseen`), which the ranking places over the whole fleet."""
+
+    ahead: int  # requests ahead now, other clients' sends since the poll not counted
+    slots: int
+    running: int  # of the polled ones, past their first token
+    service: float
+    fixed: float  # the request's own prefill, plus the load where one is needed
+
+    def ttft(self, unseen: float = 0.0) -> float:
+        waits = _services_ahead(self.ahead + unseen, self.slots, self.running)
+        return waits * self.service / self.slots + self.fixed
+
+
+def _parts(c: Candidate, request: RequestTraits, fleet: Fleet, loads: bool) -> _Parts:
+    # See ExpectedWait for the formula.
+    ttft = _first(c.ttft, fleet.ttft, DEFAULT_TTFT_SECONDS)
+    tpot = _first(c.tpot, fleet.tpot, DEFAULT_TPOT_SECONDS)
+    tokens = request.expected_output_tokens
+    # Without the server's prompt timings: the TTFT EWMA, capped at one decode's worth (it
+    # holds past queueing and loads, which must not be counted twice).
+    typical = _first(c.prefill, fleet.prefill, min(ttft, tokens * tpot))
+    per_token = c.prefill_per_token if c.prefill_per_token is not None \
+        else fleet.prefill_per_token
+    own = request.prompt_tokens * per_token \
+        if request.prompt_tokens is not None and per_token is not None else typical
+    service = _first(c.service, fleet.service, typical + tokens * tpot)
+    if loads and c.loaded is not True:
+        load = _first(c.load_seconds, fleet.load, DEFAULT_LOAD_SECONDS)
+        own += load if c.loaded is False else 0.5 * load  # unknown: could be either
+    return _Parts(_queue_ahead(c), c.parallel if c.parallel > 0 else 1,
+                  max(0, c.in_flight - c.waiting), service, own)
+
+
+def _unseen_sends(candidates: Sequence[Candidate], parts: Sequence[_Parts | None],
+                  costs: Sequence[float], share: float | None) -> list[float]:
+    """Other clients' sends since each poll, placed where they would have put them.
+
+    How many: each sidecar's arrival rate x its state's age x the others' share. Where: the
+    other replicas rank the same backends by the same estimate, so their sends went, a little
+    at a time, to whichever backend cost least then (water-filling), not in proportion to each
+    backend's past rate (that would have every replica crowd the same few idle ones). Then
+    the parts are weighted by each state's age (the total kept): a sidecar polled a moment
+    ago has already shown this router what was sent to it."""
+    unseen = [0.0] * len(candidates)
+    fill = [i for i, c in enumerate(candidates)
+            if parts[i] is not None and c.healthy and not c.stale and c.has_model is not False]
+    total = sum(_others_since_poll(candidates[i], share) for i in fill)
+    if total <= 0:
+        return unseen
+    steps = min(64, math.ceil(total / 0.02))
+    chunk = total / steps
+    heap = [(costs[i], i) for i in fill]
+    heapq.heapify(heap)
+    for _ in range(steps):
+        _, i = heapq.heappop(heap)
+        unseen[i] += chunk
+        part = parts[i]
+        assert part is not None
+        heapq.heappush(heap, (costs[i] + part.ttft(unseen[i]) - part.ttft(), i))
+    aged = [u * c.state_age for u, c in zip(unseen, candidates, strict=True)]
+    weight = sum(aged)
+    return [total * a / weight for a in aged] if weight > 0 else [0.0] * len(candidates)
+
+
+def _estimates(candidates: Sequence[Candidate], request: RequestTraits, loads: bool = True,
+               cold_penalty: float = 1.0) -> list[float]:
+    """E[TTFT] of every candidate with the fleet's figures (cost: plus the cold penalty)."""
+    fleet = fleet_figures([c for c in candidates if c.healthy and c.has_model is not False])
+    parts: list[_Parts | None] = []
+    base: list[float] = []
+    for c in candidates:
+        if c.is_cloud:
+            parts.append(None)
+            base.append(_first(c.ttft, fleet.ttft, DEFAULT_TTFT_SECONDS))
+            continue
+        part = _parts(c, request, fleet, loads)
+        cost = part.ttft()
+        if cold_penalty != 1.0 and c.loaded is False and part.ahead == 0:
+            cost += (cold_penalty - 1.0) * _first(c.load_seconds, fleet.load,
+                                                  DEFAULT_LOAD_SECONDS)
+        parts.append(part)
+        base.append(cost)
+    unseen = _unseen_sends(candidates, parts, base, fleet.others_share)
+    return [cost if part is None else cost + part.ttft(u) - part.ttft()
+            for cost, part, u in zip(base, parts, unseen, strict=True)]
+
+
+def expected_ttft(candidate: Candidate, request: RequestTraits) -> float:
+    """Estimated seconds to first token at this candidate alone (see ExpectedWait): without
+    the fleet, unmeasured figures take the module defaults and other clients' sends since
+    the poll are this backend's arrival rate x the state's age, less this router's."""
+    if candidate.is_cloud:
+        return _first(candidate.ttft, DEFAULT_TTFT_SECONDS)
+    part = _parts(candidate, request, NO_FLEET, True)
+    return part.ttft(_others_since_poll(candidate, None))
+
+
+def fleet_ttfts(candidates: Sequence[Candidate], request: RequestTraits,
+                loads: bool = True) -> list[float]:
+    """E[TTFT] of each candidate as ExpectedWait ranks them, without its cold penalty;
+    `loads=False` leaves cold loads out. Stale state says nothing: infinite."""
+    return [math.inf if c.stale else e
+            for c, e in zip(candidates, _estimates(candidates, request, loads), strict=True)]
+
+
+# vLLM with nothing waiting: a new request joins the running batch at the next step, and its
+# limit (max_num_seqs, or the KV cache) is not in sight. As the cloud: room for anything.
+UNSATURATED_PARALLEL = 1 << 20
+
+
+def server_parallel(kind: str | None, queue: dict[str, Any]) -> int:
+    """Requests the server runs at once, from what the sidecar polled of it: llama-server's
+    slots; for an OpenAI-compatible server that publishes vLLM's scheduler gauges, what runs
+    when requests wait (the batch is full), else no limit seen; else 1 (Ollama's default)."""
+    slots = queue.get("slots_total")
+    if isinstance(slots, int) and slots > 0:
+        return slots
+    running, waiting = queue.get("processing"), queue.get("deferred")
+    if kind == "openai" and isinstance(running, int | float):
+        if isinstance(waiting, int | float) and waiting > 0:
+            return max(1, int(running))
+        return UNSATURATED_PARALLEL
+    return 1
+
+
 class ExpectedWait:
-    """Smallest estimated time to first token, with two random choices among the best few.
+    """Smallest estimated time to first token, two random choices among the near-best.
 
-    For a request expecting T output tokens, at a local candidate serving `parallel` = s at once:
+    For a local candidate serving `parallel` = s at once (each figure is the sidecar's EWMA
+    for the model; where one is missing, the next line's stands in):
 
-        decode  = T x tpot
-        prefill = min(ttft, decode)      # the TTFT EWMA includes past queueing: capped
-        service = prefill + decode       # one request's time on the model
-        n       = requests ahead         # own in flight (exact) + others' (as last polled)
-        wait    = (n - s + 1/2) x service / s   if n >= s   else 0
+        prefill = prompt_tokens x prefill_per_token    # the incoming request's own prompt
+                | prefill EWMA | min(ttft, T x tpot)    # (its length or the rate unknown)
+        S       = service EWMA | prefill + T x tpot     # one queued request's time on the model
+        n       = own in flight (exact, now) + others' (as polled) + u
+        u       = other clients' sends since the poll (below)
+        head    = 1 - running / (2 s)                   # what is left of the first in service
+        wait    = (n - s + head) x S / s   if n >= s   else 0   (interpolated for fractional n)
         load    = load_seconds if not loaded, half of it if unknown, else 0
         E[TTFT] = wait + load + prefill
 
-    Unmeasured ttft / tpot / load_seconds take the median of the other candidates for the same
-    model, else pessimistic defaults. A cloud candidate's estimate is its TTFT EWMA.
-    `expected_ttft` returns exactly E[TTFT].
+    T (`expected_output_tokens`) is the router's assumption for requests in general, used only
+    where no service time is measured: the incoming request's max_tokens never enters (its
+    own length does not delay its first token). `running` is the sidecar's count past the
+    first token at the poll. Unmeasured figures take the median of the other candidates for
+    the model, else pessimistic defaults. A cloud candidate's estimate is its TTFT EWMA.
+
+    u, other router replicas' (and other clients') sends since the poll: in all, each
+    sidecar's arrival rate x its state's age x the others' share (of everything the sidecars
+    had in flight at their polls, the part that was not this router's: 0 alone, about 15/16
+    for one of 16 replicas); placed where the others would have put them, a little at a time
+    on whichever candidate then costs least, and weighted by each state's age (a sidecar polled
+    a moment ago has shown what was sent to it). `fleet_ttfts` returns exactly E[TTFT];
+    `expected_ttft`, for one candidate alone, takes u = rate x age - own sends since the poll.
 
     Ranking adds one thing to E[TTFT]: a load this request would start (not loaded, no
     request already queued there for it) costs `cold_penalty` x load_seconds, not 1 x. The
     load also evicts a model that someone else will have to reload and shares the GPU between
     one more model; charged at face value, a fleet under load keeps trading queue for loads
-    and thrashes (in the simulator: 4x cut cold loads at 90% load by half and raised goodput
-    by a third).
+    and thrashes.
 
-    The pick: the candidates whose cost is within `slack` x best + `slack_seconds` (at most
-    `pool` of them) form a pool; two are drawn at random and the smaller cost wins. Several
-    routers reading the same half-second-old state would otherwise all send their burst to the
-    one backend that looked best. The rest follow by cost, in the usual tiers.
+    The pick: every candidate whose cost is within `slack` x best + `slack_seconds` is in the
+    pool (no cap); two are drawn at random and the smaller cost wins, ties at random. Several
+    routers reading the same half-second-old state would otherwise all send their burst to
+    the one backend that looked best; a capped pool, or ties broken by config order, makes
+    every replica pick from the same few (the simulator's many-replica table).
     """
 
     name = "expected_wait"
 
-    def __init__(self, slack: float = 1.25, slack_seconds: float = 0.05, pool: int = 3,
-                 cold_penalty: float = 4.0) -> None:
+    def __init__(self, slack: float = 1.25, slack_seconds: float = 0.0,
+                 cold_penalty: float = 4.0, pool: int | None = None) -> None:
         self.slack = slack
         self.slack_seconds = slack_seconds
-        self.pool = pool
         self.cold_penalty = cold_penalty
+        self.pool = pool  # None: no cap (a cap exists to show, in the simulator, why not)
+
+    def costs(self, candidates: Sequence[Candidate], request: RequestTraits) -> list[float]:
+        """Ranking cost per candidate: E[TTFT], a load it would start at cold_penalty x."""
+        return _estimates(candidates, request, True, self.cold_penalty)
+
+    def tie_break(self, rng: random.Random) -> float:
+        """Secondary sort key: random, so that equal backends share the load."""
+        return rng.random()
 
     def rank(
         self, candidates: Sequence[Candidate], request: RequestTraits, rng: random.Random
     ) -> list[Candidate]:
-        tiers = _tiers(candidates)
-        local = [c for tier in tiers for c in tier if not c.is_cloud]
-        ttft = _median([c.ttft for c in local if c.ttft is not None], DEFAULT_TTFT_SECONDS)
-        tpot = _median([c.tpot for c in local if c.tpot is not None], DEFAULT_TPOT_SECONDS)
-        load = _median([c.load_seconds for c in local if c.load_seconds is not None],
-                       DEFAULT_LOAD_SECONDS)
-        tokens = request.expected_output_tokens
-        est: dict[int, float] = {}
-        for tier in tiers:
-            for c in tier:
-                c_load = c.load_seconds if c.load_seconds is not None else load
-                e = _estimate(c, tokens, c.ttft if c.ttft is not None else ttft,
-                              c.tpot if c.tpot is not None else tpot, c_load)
-                if c.loaded is False and _queue_ahead(c) == 0:
-                    e += (self.cold_penalty - 1.0) * c_load
-                est[id(c)] = e
+        keys = {id(c): (cost, self.tie_break(rng))
+                for c, cost in zip(candidates, self.costs(candidates, request), strict=True)}
 
         def by_cost(tier: list[Candidate]) -> list[Candidate]:
-            return sorted(tier, key=lambda c: est[id(c)])
+            return sorted(tier, key=lambda c: keys[id(c)])
 
         def two_of_the_best(tier: list[Candidate]) -> list[Candidate]:
             ordered = by_cost(tier)
-            limit = est[id(ordered[0])] * self.slack + self.slack_seconds
+            limit = keys[id(ordered[0])][0] * self.slack + self.slack_seconds
+            cap = len(ordered) if self.pool is None else min(self.pool, len(ordered))
             size = 1
-            while size < len(ordered) and size < self.pool and est[id(ordered[size])] <= limit:
+            while size < cap and keys[id(ordered[size])][0] <= limit:
                 size += 1
             if size > 1:
                 i, j = rng.sample(range(size), 2)
-                first = min(i, j)  # ordered by estimate: the lower index wins
-                ordered.insert(0, ordered.pop(first))
+                ordered.insert(0, ordered.pop(min(i, j)))  # by cost, then tie: lower wins
             return ordered
 
-        return _ranked(tiers, two_of_the_best, by_cost)
+        return _ranked(_tiers(candidates), two_of_the_best, by_cost)
+
+
+class ResidencyFirst:
+    """Backends with the model loaded first, then fewest outstanding, ties at random.
+
+    The strong simple baseline: it never starts a load while a resident copy exists, and
+    balances by count among those (this router's requests there now, exactly, and other
+    clients' as polled: in the simulator a little better than least_outstanding's count);
+    blind to speed, prompt length and what the queue holds."""
+
+    name = "residency_first"
+
+    def rank(
+        self, candidates: Sequence[Candidate], request: RequestTraits, rng: random.Random
+    ) -> list[Candidate]:
+        keys = {id(c): (c.loaded is not True, _queue_ahead(c), rng.random()) for c in candidates}
+
+        def order(tier: list[Candidate]) -> list[Candidate]:
+            return sorted(tier, key=lambda c: keys[id(c)])
+
+        return _ranked(_tiers(candidates), order, order)
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {
@@ -322,6 +526,7 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "least_outstanding": LeastOutstanding,
     "power_of_two": PowerOfTwo,
     "expected_wait": ExpectedWait,
+    "residency_first": ResidencyFirst,
     "random": RandomChoice,
 }
 DEFAULT_POLICY = "expected_wait"

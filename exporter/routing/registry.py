@@ -24,7 +24,7 @@ from exporter.models import tagged
 from exporter.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, EjectionBoard
 from exporter.routing.config import DnsSpec, RouterConfig
 from exporter.routing.ledger import Ledger, MemoryLedger
-from exporter.routing.policies import Candidate
+from exporter.routing.policies import Candidate, server_parallel
 from exporter.routing.spend import Cloud
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Registry", "Sidecar"]
@@ -109,10 +109,9 @@ class Sidecar:
         if self.kind == "llama.cpp":
             loaded = True  # its one model is resident while the server is up
         parallel = self.parallel
-        if parallel is None:
+        if parallel is None:  # llama-server's slots, vLLM's batch, else 1
             queue = ((self.state or {}).get("upstream") or {}).get("queue") or {}
-            slots = queue.get("slots_total")
-            parallel = slots if isinstance(slots, int) and slots > 0 else 1
+            parallel = server_parallel(self.kind, queue)
         return Candidate(
             backend=self.name,
             healthy=self.breaker.eligible() and (self.state is None or self.upstream_up),
@@ -129,6 +128,11 @@ class Sidecar:
             parallel=parallel,
             router_in_flight_at_poll=self.in_flight_at_poll.get(model, 0)
             if self.polled_at is not None else None,
+            service=_number(ewma.get("service_seconds")),
+            prefill=_number(ewma.get("prefill_seconds")),
+            prefill_per_token=_number(ewma.get("prefill_seconds_per_token")),
+            arrival_rate=_number(entry.get("arrival_rate")),
+            state_age=0.0 if self.polled_at is None else max(0.0, now - self.polled_at),
         )
 
     def started(self, model: str) -> None:
