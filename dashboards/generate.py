@@ -348,9 +348,11 @@ def routing() -> dict[str, Any]:
         series("Routes spilling", "1 while a hybrid route sends its light requests to the "
                "cloud.", "none", [target(f"max by (route) (llmtap_router_spilling{{{SEL}}})",
                                          "{{route}}")], width=8),
-        series("Classifier", "Hybrid-route requests by class.", "reqps",
-               [target(by("class", "llmtap_router_classifications_total"), "{{class}}")],
-               width=8),
+        series("Classifier", "Requests by the classifier's label (light, heavy; local: "
+               "kept by the keep-local gate) and reason (rule, model, detector, or a "
+               "fallback's timeout / error).", "reqps",
+               [target(by("label, reason", "llmtap_router_classifications_total"),
+                       "{{label}} {{reason}}")], width=8),
         lay.row("Estimates"),
         series("Estimated vs actual TTFT (p50)", "The policy's expected time to first token "
                "for the backend it chose, and the TTFT then measured, per backend.", "s",

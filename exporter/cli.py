@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gpu_command(commands)
     add_top_command(commands)
+    from exporter.routing.learn.commands import add_commands as add_classifier_commands
+
+    add_classifier_commands(commands)
     key = commands.add_parser(
         "key", help="make an API key and the line to put in --api-key-file",
         description="Print a new random API key (give it to the client) and the line for "
@@ -196,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from exporter.top import run_top_command
 
             return run_top_command(args)
+        elif args.command in ("classify", "classifier"):
+            from exporter.routing.learn.commands import run
+
+            return run(args)
         elif args.command == "gpu":
             from exporter.gpu import run_gpu_command
 

@@ -12,8 +12,15 @@ import pytest
 from exporter.config import ConfigError
 from exporter.events import RequestInfo
 from exporter.protocols import endpoint_for
-from exporter.routing.classifier import HEAVY, LIGHT, RuleClassifier, load_classifier, safe_classify
-from exporter.routing.config import BreakerSpec, ClassifierSpec, CloudSpec, parse_config
+from exporter.routing.classifier import HEAVY, LIGHT, load_cascade
+from exporter.routing.config import (
+    BreakerSpec,
+    ClassifierSpec,
+    CloudSpec,
+    HybridSpec,
+    RouterConfig,
+    parse_config,
+)
 from exporter.routing.ledger import MemoryLedger
 from exporter.routing.registry import CLOSED, HALF_OPEN, OPEN, Breaker, Registry
 from exporter.routing.spend import Cloud
@@ -106,19 +113,27 @@ def test_config_errors_name_the_key(text: str, message: str) -> None:
 
 
 def test_rule_classifier() -> None:
-    classify = RuleClassifier(ClassifierSpec(long_prompt_chars=200, heavy_max_tokens=1000))
+    """The rules as the cascade runs them (more in tests/test_classifier.py)."""
+    cascade = load_cascade(RouterConfig(classifier=ClassifierSpec(
+        long_prompt_chars=200, heavy_max_tokens=1000)))
+    hybrid = HybridSpec(light="small", heavy="big")
+
+    def classify(body: dict[str, Any]) -> str:
+        verdict = cascade.quick(body, hybrid)
+        assert verdict is not None
+        return verdict.label
 
     def chat(text: str, **extra: Any) -> dict[str, Any]:
         return {"model": "auto", "messages": [{"role": "user", "content": text}], **extra}
 
-    assert classify(chat("What is the capital of France?"), "/v1/chat/completions") == LIGHT
-    assert classify(chat("hi", max_tokens=4000), "/v1/chat/completions") == HEAVY
-    assert classify({"prompt": "hi", "options": {"num_predict": 1000}}, "/api/generate") == HEAVY
-    assert classify(chat("x" * 300), "/api/chat") == HEAVY
-    assert classify(chat("Fix this:\n```python\nprint(1)\n```"), "/api/chat") == HEAVY
-    assert classify(chat("def add(a, b):\n    return a + b"), "/api/chat") == HEAVY
-    assert classify(chat("Prove step by step that sqrt(2) is irrational"), "/api/chat") == HEAVY
-    assert classify({"prompt": "Tell me a joke", "system": "be brief"}, "/api/generate") == LIGHT
+    assert classify(chat("What is the capital of France?")) == LIGHT
+    assert classify(chat("hi", max_tokens=4000)) == HEAVY  # heavy_max_tokens set: on
+    assert classify({"prompt": "hi", "options": {"num_predict": 1000}}) == HEAVY
+    assert classify(chat("x" * 300)) == HEAVY
+    assert classify(chat("Fix this:\n```python\nprint(1)\n```")) == HEAVY
+    assert classify(chat("def add(a, b):\n    return a + b")) == HEAVY
+    assert classify(chat("Prove step by step that sqrt(2) is irrational")) == HEAVY
+    assert classify({"prompt": "Tell me a joke", "system": "be brief"}) == LIGHT
 
 
 def always_heavy(body: dict[str, Any], path: str) -> str:
@@ -129,13 +144,18 @@ def broken(body: dict[str, Any], path: str) -> str:
     raise RuntimeError("boom")
 
 
-def test_classifier_plugins_load_by_dotted_path() -> None:
-    plugin = load_classifier(ClassifierSpec(plugin="tests.test_router:always_heavy"))
-    assert safe_classify(plugin, {}, "/api/chat") == HEAVY
-    plugin = load_classifier(ClassifierSpec(plugin="tests.test_router.broken"))
-    assert safe_classify(plugin, {}, "/api/chat") == LIGHT  # a failing plugin keeps it local
+async def test_classifier_plugins_load_by_dotted_path() -> None:
+    hybrid = HybridSpec(light="small", heavy="big")
+
+    def cascade(plugin: str) -> Any:
+        return load_cascade(RouterConfig(classifier=ClassifierSpec(plugin=plugin)))
+
+    verdict = await cascade("tests.test_router:always_heavy").classify({}, "/api/chat", hybrid)
+    assert verdict is not None and verdict.label == HEAVY
+    verdict = await cascade("tests.test_router.broken").classify({}, "/api/chat", hybrid)
+    assert verdict is not None and verdict.label == LIGHT  # a failing plugin keeps it local
     with pytest.raises(ConfigError, match=r"classifier\.plugin"):
-        load_classifier(ClassifierSpec(plugin="tests.test_router:missing"))
+        cascade("tests.test_router:missing")
 
 
 # --------------------------------------------------------------------------- translation
@@ -561,17 +581,31 @@ def test_a_llama_server_gets_only_the_models_it_serves() -> None:
 def test_no_local_only_request_ever_reaches_a_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
     """A property over random residency headers, routes, prompts and fleet states (backends
     up, down, stale or ejected, any load; the cloud keyed or not, spent or not, failing or
-    not): whatever the router decides, a request that is local-only (by its header or its
-    route) has no cloud among its targets, nor among the attempts made of them."""
+    not): whatever the router decides, a request that is local-only (by its header, its
+    route, or the keep-local gate finding a secret or personal data in it) has no cloud among
+    its targets, nor among the attempts made of them; whether decide() is handed the async
+    cascade's verdict (as RoutedUpstream.open does), classifies itself, or the classifier
+    after the gate is a plugin that calls everything heavy."""
+    import asyncio
+
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
+    from exporter.routing.keep_local import KeepLocalGate
     from exporter.routing.service import Router
     from exporter.routing.upstream import residency_local, tries
 
     monkeypatch.setenv("ROUTER_TEST_KEY", "sk")
     router = Router(_config(ROUTER))
+    heavy_router = Router(_config(ROUTER + "classifier: {plugin: 'tests.test_router:"
+                                           "always_heavy'}\n"))
+    heavy_router.backends = router.backends  # one fleet, two classifiers
+    heavy_router.decider.backends = router.backends
+    gate = KeepLocalGate()
     cloud = router.backends.clouds["cloud"]
+    secrets = st.sampled_from(["", " card 4111 1111 1111 1111", " key sk-" + "a1" * 12,
+                               " mail bob@example.com", " iban GB82WEST12345698765432",
+                               " call +44 20 7946 0958", " order 4111 1111 1111 1112"])
     token = st.sampled_from([b"local", b"LOCAL", b"any", b"Any", b"strict", b"eu", b"",
                              b"local;strict", b"  "])
     header = st.lists(token, max_size=4).map(b", ".join)
@@ -581,9 +615,11 @@ def test_no_local_only_request_ever_reaches_a_cloud(monkeypatch: pytest.MonkeyPa
     @settings(max_examples=400, deadline=None, derandomize=True)
     @given(header, st.sampled_from(["auto", "private", "auto-heavy", "small", "big", "x"]),
            st.sampled_from(["hi", "Prove step by step that 97 is prime", "x" * 9000]),
-           fleet, fleet, st.booleans(), st.booleans(), st.booleans())
-    def decide(value: bytes, model: str, text: str, a: tuple[str, int, float],
-               b: tuple[str, int, float], keyed: bool, spent: bool, failing: bool) -> None:
+           secrets, fleet, fleet, st.booleans(), st.booleans(), st.booleans(),
+           st.sampled_from(["quick", "async", "plugin"]))
+    def decide(value: bytes, model: str, text: str, secret: str, a: tuple[str, int, float],
+               b: tuple[str, int, float], keyed: bool, spent: bool, failing: bool,
+               path: str) -> None:
         local = residency_local(value)
         if local is None:
             return  # a 400 before any decision
@@ -608,8 +644,18 @@ def test_no_local_only_request_ever_reaches_a_cloud(monkeypatch: pytest.MonkeyPa
             monkeypatch.setattr(cloud, "budget_left", lambda: 0.0)
         else:
             monkeypatch.setattr(cloud, "budget_left", lambda: None)
-        decision = _decide(router, model, text, local)
-        local_only = local or model == "private"
+        text += secret
+        decider = heavy_router.decider if path == "plugin" else router.decider
+        if path == "quick":
+            decision = _decide(router, model, text, local)
+        else:
+            body = {"model": model, "messages": [{"role": "user", "content": text}]}
+            verdict = asyncio.run(decider.classifier.classify(
+                body, "/api/chat", decider.config.route_for(model).hybrid))
+            decision = decider.decide("/api/chat", endpoint_for("POST", "/api/chat"),
+                                      RequestInfo(model=model), body, local,
+                                      classification=verdict)
+        local_only = local or model == "private" or gate.check(text) != ""
         assert decision.local_only == local_only
         if local_only:
             assert all(t.cloud is None for t in decision.targets), (value, model, decision)

@@ -282,7 +282,8 @@ def hybrid() -> Iterator[dict[str, Any]]:
           "     max_output_tokens: 5}\n"
           "routes:\n"
           "  - {model: auto, hybrid: {light: m1, heavy: auto-heavy, slo_ttft: 0.5}}\n"
-          "  - {model: private, hybrid: {light: m1, heavy: auto-heavy}, residency: local}\n")
+          "  - {model: private, hybrid: {light: m1, heavy: auto-heavy, slo_ttft: 0.5},\n"
+          "     residency: local}\n")
     router = Router(config, env={"FAKE_CLOUD_KEY": "sk-fake"})
     with processes(local, cloud, tap, router):
         yield {"router": router, "local": local, "cloud": cloud, "tap": tap}
@@ -327,8 +328,8 @@ async def test_hybrid_heavy_to_cloud_spill_under_overload_and_local_only_stays(
     assert decisions(m, route="auto", backend="fakecloud", reason="spill") == 1
     assert decisions(m, route="auto", backend="local", reason="local_only") == 2
     assert decisions(m, route="private", backend="local", reason="local_only") == 1
-    assert m.value("llmtap_router_classifications_total", route="auto", **{"class": "heavy"}) \
-        == 2
+    assert m.value("llmtap_router_classifications_total", route="auto", label="heavy",
+                   reason="reasoning") == 2
     assert m.value("llmtap_router_cloud_tokens_total", backend="fakecloud", type="output") == 10
     spent = m.value("llmtap_router_cloud_cost_total", backend="fakecloud")
     assert spent > 0.1
@@ -368,6 +369,55 @@ async def test_residency_fails_closed_end_to_end(hybrid: dict[str, Any]) -> None
     status, body = await chat(router.url, "auto", "Hi", path="/v1/chat/completions",
                               headers={"x-llmtap-residency": "anywhere"})
     assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request"
+
+
+async def test_hybrid_keep_local_gate_holds_secrets_and_cards_back() -> None:
+    """Issue 17: a heavy request the hybrid route would send to the cloud goes there; the
+    same request with a card number, or an API key in its system prompt, stays on the local
+    fleet; on a route that is not hybrid (the cloud alias asked for by name) a request with
+    an e-mail address is refused rather than sent. Read from the fake cloud's own counter,
+    the router's metrics and its access log."""
+    local = Simulator("--models", "m1", "--ttft", "0.01", "--tokens-per-second", "500",
+                      "--output-tokens", "4", "--seed", "7")
+    cloud = Simulator("--models", "gpt-fake", "--ttft", "0.01", "--tokens-per-second", "1000",
+                      "--output-tokens", "4", "--parallel", "8", "--seed", "8")
+    tap = Llmtap(local.url, *SIDECAR_ARGS)
+    config = ("poll_interval: 0.2\nallow_unauthenticated_cloud: true\nbackends:\n"
+              + sidecar_yaml("local", tap)
+              + f"cloud:\n  - {{name: fakecloud, base_url: '{cloud.url}/v1', "
+                "api_key_env: FAKE_CLOUD_KEY, models: {auto-heavy: gpt-fake}}\n"
+                "routes:\n  - {model: auto, hybrid: {light: m1, heavy: auto-heavy}}\n")
+    router = Router(config, env={"FAKE_CLOUD_KEY": "sk-fake"})
+    heavy = "Prove step by step that 31 is prime."
+    with processes(local, cloud, tap, router):
+        assert (await chat(tap.url, "m1", options=SHORT))[0] == 200
+        await asyncio.sleep(0.5)  # the router has polled the sidecar
+        assert (await chat(router.url, "auto", heavy))[0] == 200
+        assert cloud.stats()["started"] == 1  # heavy: the cloud, as the route says
+        card = heavy + " Then charge my card 4111 1111 1111 1111 for the answer."
+        status, _ = await chat(router.url, "auto", card)
+        assert status == 200
+        body = {"model": "auto", "stream": True, "messages": [
+            {"role": "system", "content": "Use the key sk-proj-" + "q7" * 16},
+            {"role": "user", "content": heavy}]}
+        async with aiohttp.ClientSession() as session, session.post(
+                router.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200 and b"data:" in await resp.read()
+        status, _ = await chat(router.url, "auto-heavy", "Mail the summary to ana@example.org",
+                               path="/v1/chat/completions")
+        assert status == 503  # only the cloud serves that alias, and this may not leave
+        assert cloud.stats()["started"] == 1
+        m = await router.metrics()
+        assert decisions(m, route="auto", backend="local", reason="local_only") == 2
+        assert decisions(m, backend="fakecloud") == 1
+        for reason in ("cards", "secrets"):
+            assert m.value("llmtap_router_classifications_total", route="auto",
+                           label="local", reason=reason) == 1
+        assert m.value("llmtap_router_classifications_total", label="local",
+                       reason="emails") == 1
+        lines = [line for line in router.json_lines("route") if line.get("class") == "local"]
+        assert {line["class_reason"] for line in lines} == {"cards", "secrets"}
+        assert all(line["local_only"] and line["backend"] == "local" for line in lines)
 
 
 async def test_models_lists_and_errors_in_the_clients_dialect(hybrid: dict[str, Any]) -> None:

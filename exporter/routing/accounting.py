@@ -40,8 +40,9 @@ class RouterAccounting(Observer):
         backend = chosen.backend if chosen is not None else "none"
         self.metrics.decisions.labels(decision.route, backend, decision.policy,
                                       decision.reason).inc()
-        if decision.klass is not None:
-            self.metrics.classifications.labels(decision.route, decision.klass).inc()
+        if (verdict := decision.classification) is not None:
+            self.metrics.classifications.labels(decision.route, verdict.label,
+                                                verdict.reason).inc()
         if chosen is not None:
             self._settle(chosen, record, decision)
         if self.access_log:
@@ -96,6 +97,8 @@ class RouterAccounting(Observer):
             model=record.request_model[:MAX_LOGGED_MODEL] or None,
             route=decision.route, policy=decision.policy, reason=decision.reason,
             **{"class": decision.klass}, local_only=decision.local_only or None,
+            class_reason=decision.classification.reason if decision.classification else None,
+            p_heavy=decision.classification.p_heavy if decision.classification else None,
             backend=backend, backend_model=chosen.model if chosen is not None else None,
             estimate_ms=_ms(chosen.estimate) if chosen is not None else None,
             alternatives=[t.backend for t in decision.targets[1:4]] or None,

@@ -25,9 +25,11 @@ from exporter.config import (
     parse_host_port,
     parse_upstream,
 )
+from exporter.routing.keep_local import DETECTORS
 from exporter.routing.policies import DEFAULT_POLICY, POLICIES
 
 RESIDENCIES = ("any", "local")
+FALLBACKS = ("light", "heavy")
 BUDGET_PERIODS = ("day", "total")
 
 
@@ -99,6 +101,7 @@ class HybridSpec:
     heavy: str  # cloud model alias (a key of some cloud's `models`) for heavy ones
     slo_ttft: float = 2.0  # spill light requests to `heavy` when the best local E[TTFT] exceeds it
     hysteresis: float = 0.25  # stop spilling only once E[TTFT] < slo_ttft x (1 - hysteresis)
+    fallback: str = "light"  # the class when the learned model or plugin fails or is late
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,17 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """The rule-based light/heavy classifier's thresholds, or a plugin by dotted path."""
+    """Light or heavy: the rules' thresholds, then a learned model or a plugin."""
 
     plugin: str = ""  # "package.module:callable" (or package.module.callable)
+    model: str = ""  # "builtin" (shipped) or a model file from `llmtap classifier train`
+    threshold: float | None = None  # p(heavy) from which a request is heavy; None: the model's
+    deadline: float = 0.05  # seconds the model or plugin may take; then the route's fallback
+    embeddings_url: str = ""  # a model trained on a server's embeddings: its endpoint
+    embeddings_model: str = ""
+    rules: bool = True  # the rules first (they settle code and reasoning requests)
     long_prompt_chars: int = 8000
-    heavy_max_tokens: int = 2048
+    heavy_max_tokens: int | None = None  # off: a max_tokens cap is not a need (rules.py)
     code_markers: bool = True
     reasoning_markers: bool = True
 
@@ -142,6 +151,7 @@ class RouterConfig:
     cloud: tuple[CloudSpec, ...] = ()
     routes: tuple[RouteSpec, ...] = ()
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    keep_local: tuple[str, ...] = DETECTORS  # the keep-local gate's detectors (keep_local.py)
     breaker: BreakerSpec = field(default_factory=BreakerSpec)
     expected_output_tokens: int = 256
     connect_timeout: float = 5.0
@@ -314,7 +324,8 @@ def _route(raw: Any, where: str) -> RouteSpec:
                               f"got {hysteresis!r}")
         hybrid = HybridSpec(light=h.get("light", str, required=True),
                             heavy=h.get("heavy", str, required=True),
-                            slo_ttft=h.positive("slo_ttft", 2.0), hysteresis=hysteresis)
+                            slo_ttft=h.positive("slo_ttft", 2.0), hysteresis=hysteresis,
+                            fallback=h.choice("fallback", FALLBACKS, "light"))
         h.done()
     spec = RouteSpec(model=s.get("model", str, required=True), policy=policy, hybrid=hybrid,
                      residency=s.choice("residency", RESIDENCIES, "any"))
@@ -348,6 +359,44 @@ def _shared_state(s: _Section) -> SharedStateSpec | None:
     return spec
 
 
+def _classifier(s: _Section) -> ClassifierSpec:
+    raw = s.get("classifier", dict)
+    if raw is None:
+        return ClassifierSpec()
+    c = _Section(raw, "classifier")
+    embeddings_url, embeddings_model = "", ""
+    if (raw_emb := c.get("embeddings", dict)) is not None:
+        e = _Section(raw_emb, "classifier.embeddings")
+        embeddings_url = e.url("url")
+        embeddings_model = e.get("model", str, "")
+        e.done()
+    threshold = c.get("threshold", float)
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"classifier.threshold: expected a probability in [0, 1], got "
+                          f"{threshold!r}")
+    spec = ClassifierSpec(
+        plugin=c.get("plugin", str, ""), model=c.get("model", str, ""), threshold=threshold,
+        deadline=c.positive("deadline", 0.05), embeddings_url=embeddings_url,
+        embeddings_model=embeddings_model, rules=c.get("rules", bool, True),
+        long_prompt_chars=c.count("long_prompt_chars", 8000),
+        heavy_max_tokens=c.count("heavy_max_tokens", None),
+        code_markers=c.get("code_markers", bool, True),
+        reasoning_markers=c.get("reasoning_markers", bool, True))
+    c.done()
+    if spec.plugin and spec.model:
+        raise ConfigError("classifier: plugin and model are two ways to do one thing; set one")
+    return spec
+
+
+def _keep_local(s: _Section) -> tuple[str, ...]:
+    raw = s.get("keep_local", list, list(DETECTORS))
+    unknown = [d for d in raw if d not in DETECTORS]
+    if unknown:
+        raise ConfigError(f"keep_local: unknown detector {unknown[0]!r} (known: "
+                          f"{', '.join(DETECTORS)})")
+    return tuple(str(d) for d in raw)
+
+
 def parse_config(raw: Any) -> RouterConfig:
     s = _Section(raw if raw is not None else {}, "")
     poll = s.positive("poll_interval", 0.5)
@@ -368,16 +417,7 @@ def parse_config(raw: Any) -> RouterConfig:
             raise ConfigError(f"routes[{i}].hybrid.heavy: {route.hybrid.heavy!r} is no cloud "
                               f"model alias (the `models` keys under `cloud`: "
                               f"{', '.join(sorted(aliases)) or 'none configured'})")
-    classifier = ClassifierSpec()
-    if (raw_cls := s.get("classifier", dict)) is not None:
-        c = _Section(raw_cls, "classifier")
-        classifier = ClassifierSpec(
-            plugin=c.get("plugin", str, ""),
-            long_prompt_chars=c.count("long_prompt_chars", 8000),
-            heavy_max_tokens=c.count("heavy_max_tokens", 2048),
-            code_markers=c.get("code_markers", bool, True),
-            reasoning_markers=c.get("reasoning_markers", bool, True))
-        c.done()
+    classifier = _classifier(s)
     breaker = BreakerSpec()
     if (raw_breaker := s.get("breaker", dict)) is not None:
         b = _Section(raw_breaker, "breaker")
@@ -392,7 +432,7 @@ def parse_config(raw: Any) -> RouterConfig:
         poll_interval=poll,
         stale_after=s.positive("stale_after", 3 * poll),
         backends=tuple(backends), dns=tuple(dns), cloud=clouds, routes=routes,
-        classifier=classifier, breaker=breaker,
+        classifier=classifier, keep_local=_keep_local(s), breaker=breaker,
         expected_output_tokens=s.count("expected_output_tokens", 256),
         connect_timeout=s.positive("connect_timeout", 5.0),
         first_byte_timeout=s.positive("first_byte_timeout", 600.0),

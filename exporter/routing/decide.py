@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -23,14 +23,22 @@ from exporter.relay.http1 import Headers
 from exporter.routing.classifier import (
     HEAVY,
     LIGHT,
-    load_classifier,
+    LOCAL,
+    Classification,
+    load_cascade,
     prompt_text,
     requested_max_tokens,
-    safe_classify,
 )
 from exporter.routing.config import RouterConfig, RouteSpec
 from exporter.routing.ledger import Budget, Reservation
-from exporter.routing.policies import POLICIES, Candidate, Policy, RequestTraits, expected_ttft
+from exporter.routing.policies import (
+    POLICIES,
+    Candidate,
+    Policy,
+    RequestTraits,
+    expected_ttft,
+    fleet_ttfts,
+)
 from exporter.routing.registry import Breaker, Registry, Sidecar
 from exporter.routing.spend import LIMITS, Cloud, KeyLimits
 from exporter.routing.translate import OLLAMA_PATHS
@@ -80,7 +88,8 @@ class Decision:
     route: str
     policy: str
     reason: str
-    klass: str | None = None  # "light" / "heavy" on hybrid routes
+    klass: str | None = None  # "light" / "heavy" on hybrid routes ("local": kept by the gate)
+    classification: Classification | None = None  # the classifier's verdict, where it ran
     local_only: bool = False
     targets: list[Target] = field(default_factory=list)
     chosen: Target | None = None
@@ -96,7 +105,7 @@ class Decider:
         self.config = config
         self.backends = backends
         self.limits = limits if limits is not None else KeyLimits({}, backends.ledger)
-        self.classify = load_classifier(config.classifier)
+        self.classifier = load_cascade(config)
         self.policies: dict[str, Policy] = {}
         self.rng = random.Random()
         self.spilling: dict[str, bool] = {}
@@ -110,29 +119,37 @@ class Decider:
 
     def decide(self, path: str, endpoint: Endpoint | None, info: RequestInfo | None,
                body: dict[str, Any] | None, residency_local: bool, key: str | None = None,
-               body_size: int = 0) -> Decision:
+               body_size: int = 0, classification: Classification | None = None) -> Decision:
         """The plan for one request; `key` names the client key that admitted it (its
-        budget counts for the cloud), `body_size` bounds its prompt's tokens."""
+        budget counts for the cloud), `body_size` bounds its prompt's tokens;
+        `classification` is the classifier's verdict (RoutedUpstream.open awaits it; without
+        one, the gate and the rules run here). The keep-local gate's `local` makes the
+        request local-only, like the header."""
         model = info.model if info is not None else ""
         route = self.config.route_for(model)
-        local_only = residency_local or route.residency == "local"
-        decision = Decision(route.model, route.policy, "policy", local_only=local_only)
+        if classification is None and body is not None:
+            classification = self.classifier.quick(body, route.hybrid)
+        local_only = residency_local or route.residency == "local" or (
+            classification is not None and classification.label == LOCAL)
+        decision = Decision(route.model, route.policy, "policy", local_only=local_only,
+                            classification=classification)
         if endpoint is None:
             return self._passthrough(decision)
         if body is not None:
             decision.prompt_chars = len(prompt_text(body))
         hybrid = route.hybrid
         if hybrid is not None:
-            decision.klass = safe_classify(self.classify, body, path) if body is not None \
-                else LIGHT
+            decision.klass = classification.label if classification is not None else LIGHT
             local_model, cloud_alias = hybrid.light, hybrid.heavy
         else:
             local_model = model
             cloud_alias = model if self.config.cloud_for(model) is not None else ""
-        tokens = (info.max_tokens if info is not None and info.max_tokens else None) or \
-            (requested_max_tokens(body) if body is not None else None) or \
-            self.config.expected_output_tokens
-        traits = RequestTraits(model=local_model, expected_output_tokens=tokens)
+        # The work queued ahead is other requests': this one's max_tokens does not delay its
+        # first token, so it is not in the estimate; its prompt's length is (characters / 4).
+        traits = RequestTraits(model=local_model,
+                               expected_output_tokens=self.config.expected_output_tokens,
+                               prompt_tokens=decision.prompt_chars // 4 if body is not None
+                               else None)
         sidecars = self.backends.sidecars
         candidates = [c for c in self.backends.candidates(local_model)
                       if c.healthy and c.has_model is not False
@@ -142,8 +159,11 @@ class Decider:
                         estimate=_estimate(c, traits)) for c in ranked]
         # Overload is queueing: a cold load does not count here, or a model that was not
         # resident would see every request spill and never be loaded.
-        best = min((_estimate(replace(c, loaded=True), traits) for c in ranked),
-                   default=math.inf)
+        # The spill state is the route's: it judges the fleet, not this request, so it comes
+        # from a typical request's E[TTFT] (no max_tokens, no prompt length of its own).
+        typical = RequestTraits(model=local_model,
+                                expected_output_tokens=self.config.expected_output_tokens)
+        best = min(fleet_ttfts(ranked, typical, loads=False), default=math.inf)
         cloud_target, why_not = self._cloud_target(
             cloud_alias, path, endpoint, body, local_only,
             Spender(key, body_size or decision.prompt_chars, decision.prompt_chars,
@@ -151,7 +171,9 @@ class Decider:
         if hybrid is not None:
             spilling = self._spill_state(route.model, best, hybrid.slo_ttft,
                                          hybrid.hysteresis)
-            wants_cloud = decision.klass == HEAVY or spilling or not local
+            # A request the gate keeps ("local") counts as wanting the cloud: its reason is
+            # then local_only, whatever its class would have been.
+            wants_cloud = decision.klass != LIGHT or spilling or not local
             if wants_cloud and cloud_target is not None:
                 decision.reason = "heavy" if decision.klass == HEAVY else \
                     "spill" if local else "no_local"

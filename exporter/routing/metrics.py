@@ -2,8 +2,8 @@
 histograms it also keeps (telemetry/metrics.py, fed by the shared relay).
 
 Labels are bounded: backend names come from the config or DNS discovery, route names from the
-config, reasons and classes from fixed sets in service.py; nothing a client sends becomes a
-label value.
+config, reasons, labels and classes from fixed sets (decide.py, classifier.py); nothing a
+client sends becomes a label value.
 """
 
 from __future__ import annotations
@@ -97,8 +97,10 @@ class RouterMetrics:
             "TTFT SLO (or had no backend for them)", ("route", "backend"), registry=registry)
         self.classifications = Counter(
             "llmtap_router_classifications",
-            "Hybrid-route requests by the classifier's outcome", ("route", "class"),
-            registry=registry)
+            "Requests classified, by route, label (light, heavy; local: kept by the "
+            "keep-local gate, on any route) and reason (the gate's detector, the rule, "
+            "model, plugin, rules, or the fallback's cause: timeout, error, overloaded)",
+            ("route", "label", "reason"), registry=registry)
         self.retries = Counter(
             "llmtap_router_retries",
             "Requests re-sent to the next-best backend before any byte reached the client, by "

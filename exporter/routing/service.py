@@ -147,6 +147,7 @@ class Router:
             await self._admin.cleanup()
         await self.backends.close()
         await self.ledger.close()
+        await self.decider.classifier.close()
         if self.tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 

@@ -161,8 +161,16 @@ class RoutedUpstream:
             raise Refused(Refusal(429, "rate_limited", f"API key {key!r} is over its rate "
                                   f"limit; retry in {wait:.1f} s",
                                   retry_after=max(1, math.ceil(wait))))
+        # The classifier may await a model (under its deadline): here, before the synchronous
+        # decision, which gets its verdict.
+        classification = None
+        if parsed is not None:
+            model = exchange.info.model if exchange.info is not None else ""
+            classification = await self.decider.classifier.classify(
+                parsed, request.path, self.decider.config.route_for(model).hybrid)
         decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
-                                       residency, key, len(exchange.payload or b""))
+                                       residency, key, len(exchange.payload or b""),
+                                       classification=classification)
         exchange.record.route = decision
         if not decision.targets:
             raise Refused(self._refusal(decision, exchange.record.request_model))
