@@ -33,7 +33,6 @@ from exporter.routing.config import RouterConfig, RouteSpec
 from exporter.routing.ledger import Budget, Reservation
 from exporter.routing.policies import (
     POLICIES,
-    Candidate,
     Policy,
     RequestTraits,
     expected_ttft,
@@ -155,8 +154,11 @@ class Decider:
                       if c.healthy and c.has_model is not False
                       and _speaks(sidecars[c.backend].kind, endpoint.dialect)]
         ranked = self._policy(route).rank(candidates, traits, self.rng)
+        # The estimate logged and measured against the actual TTFT is the one the ranking
+        # used (with the fleet's figures for what a backend has not measured yet).
         local = [Target(c.backend, local_model, sidecar=self.backends.sidecars[c.backend],
-                        estimate=_estimate(c, traits)) for c in ranked]
+                        estimate=e) for c, e in zip(ranked, fleet_ttfts(ranked, traits),
+                                                    strict=True)]
         # Overload is queueing: a cold load does not count here, or a model that was not
         # resident would see every request spill and never be loaded.
         # The spill state is the route's: it judges the fleet, not this request, so it comes
@@ -259,8 +261,3 @@ def _speaks(kind: str | None, dialect: str) -> bool:
     """Can a sidecar's server answer this dialect? Every kind serves OpenAI's API; Ollama's
     and llama.cpp's native APIs only their own servers (unknown kind: let it try)."""
     return kind is None or dialect == "openai" or kind == dialect
-
-
-def _estimate(candidate: Candidate, traits: RequestTraits) -> float:
-    # Stale state counts as saturated: never under an SLO.
-    return math.inf if candidate.stale else expected_ttft(candidate, traits)
