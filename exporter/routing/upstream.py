@@ -88,9 +88,11 @@ def _retry_after(headers: Headers, default: float) -> float:
     return default
 
 
-def _release(target: Target, sent: bool = False) -> None:
-    """Settle a cloud attempt that is not the answer: free, unless the request may have
-    been processed (a timeout, a reset, the client gone): then its prompt, estimated."""
+def _drop(target: Target, sent: bool = False) -> None:
+    """An attempt that is not the answer: no longer in flight there, and a cloud's
+    reservation settled free, unless the request may have been processed (a timeout, a
+    reset, the client gone): then at its prompt, estimated."""
+    target.finished()
     if target.cloud is None or target.reservation is None:
         return
     cost = target.cloud.cost(target.prompt_tokens, 0) if sent else 0.0
@@ -200,8 +202,7 @@ class RoutedUpstream:
                 decision.tried.append(target.backend)
                 continue
             except UpstreamConnectError as exc:
-                _release(target)
-                target.finished()
+                _drop(target)
                 target.breaker.failure(liveness=True)  # unreachable, like a failed poll
                 failure = exc
                 decision.tried.append(target.backend)
@@ -212,21 +213,18 @@ class RoutedUpstream:
                 # No answer's head within attempt_timeout: hung, or loading for too long.
                 # Its connection is closed (its sidecar cancels the work); the next one gets
                 # the request. The last attempt keeps the exchange's own first-byte deadline.
-                _release(target, sent=True)
-                target.finished()
+                _drop(target, sent=True)
                 target.breaker.failure()
                 decision.tried.append(target.backend)
                 self.metrics.retries.labels(target.backend, "timeout").inc()
                 continue
             except BaseException:  # reset (it may have reached the backend), cancelled
-                _release(target, sent=True)
-                target.finished()
+                _drop(target, sent=True)
                 raise
             if self._retryable(target, response) and not last:
                 # Nothing of this answer was relayed: the next backend gets the request.
                 response.abandon()
-                _release(target)  # an error answer is not billed
-                target.finished()
+                _drop(target)  # an error answer is not billed
                 judge(target, response.status, response.headers)
                 decision.tried.append(target.backend)
                 self.metrics.retries.labels(target.backend, "busy").inc()
