@@ -18,7 +18,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.helpers import LlamaServer, Llmtap, Simulator
+from tests.helpers import LlamaServer, Llmtap, Simulator, running
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')  # a non-empty content field
@@ -543,14 +543,8 @@ def pinging_tap() -> Iterator[tuple[LlamaServer, Llmtap]]:
         env.setenv("LLAMA_ARG_SSE_PING_INTERVAL", "1")
         env.setenv("LLAMA_ARG_THREADS", "1")
         server = LlamaServer()
-    try:
-        tap = Llmtap(server.url)
-    except BaseException:
-        server.stop()
-        raise
-    yield server, tap
-    tap.stop()
-    server.stop()
+    with running(server), running(Llmtap(server.url)) as tap:
+        yield server, tap
 
 
 async def test_sse_pings_during_prefill_are_not_tokens(
@@ -640,14 +634,8 @@ def reasoning_tap(tmp_path_factory: pytest.TempPathFactory,
     template = tmp_path_factory.mktemp("think") / "think.jinja"
     template.write_text(THINK_TEMPLATE)
     server = LlamaServer("--reasoning-format", "deepseek", "--chat-template-file", str(template))
-    try:
-        tap = Llmtap(server.url)
-    except BaseException:
-        server.stop()
-        raise
-    yield server, tap
-    tap.stop()
-    server.stop()
+    with running(server), running(Llmtap(server.url)) as tap:
+        yield server, tap
 
 
 def deltas(answer: Streamed) -> list[tuple[float, dict[str, Any]]]:

@@ -338,11 +338,15 @@ routes:
 """
 
 
-def _state(waiting: int, ttft: float = 0.1, tpot: float = 0.01) -> dict[str, Any]:
+def _state(waiting: int, ttft: float = 0.1, tpot: float = 0.01,
+           **ewma: float) -> dict[str, Any]:
+    """A sidecar's state: `waiting` requests in flight for small:latest, none yet answered;
+    `ewma` adds measured figures (service_seconds, ...)."""
     return {"upstream": {"kind": "ollama", "up": True, "models": ["small:latest"]},
             "models": {"small:latest": {"in_flight": waiting, "waiting": waiting,
                                         "installed": True, "loaded": True,
-                                        "ewma": {"ttft_seconds": ttft, "tpot_seconds": tpot}}}}
+                                        "ewma": {"ttft_seconds": ttft, "tpot_seconds": tpot,
+                                                 **ewma}}}}
 
 
 def _decide(router: Any, model: str, text: str = "hi", local: bool = False) -> Any:

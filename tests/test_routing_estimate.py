@@ -15,6 +15,7 @@ from exporter.record import RequestRecord
 from exporter.routing.config import BreakerSpec
 from exporter.routing.registry import Breaker, Sidecar
 from exporter.state import ARRIVAL_RATE_SECONDS, ArrivalRate, LiveState
+from tests.test_router import _state as _queued
 
 
 def _record(arrival: float, **timings: float) -> RequestRecord:
@@ -126,14 +127,6 @@ cloud:
 routes:
   - {model: auto, hybrid: {light: small, heavy: auto-heavy, slo_ttft: 2.0, hysteresis: 0.25}}
 """
-
-
-def _queued(in_flight: int, **ewma: float) -> dict[str, Any]:
-    return {"upstream": {"kind": "ollama", "up": True, "models": ["small:latest"]},
-            "models": {"small:latest": {"in_flight": in_flight, "waiting": in_flight,
-                                        "installed": True, "loaded": True,
-                                        "ewma": {"ttft_seconds": 0.1, "tpot_seconds": 0.01,
-                                                 **ewma}}}}
 
 
 def _decide(router: Any, max_tokens: int | None) -> Any:
