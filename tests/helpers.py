@@ -24,10 +24,40 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed to child processes come from below the kernel's ephemeral range: a port the
+# kernel gave out for "any free port" (bind to 0) is free only until the child binds it, and
+# meanwhile any outgoing connection or another server's port-0 bind may take it (seen: a
+# sidecar's admin port "already in use" once in a full run). Below that range nothing takes
+# a port unless asked for it, and this session never hands out the same one twice.
+_PORTS_LOW = max(1024, _ephemeral_low() - 12000)
+_ports_given: set[int] = set()
+_next_port = _PORTS_LOW + (os.getpid() * 7919) % 10000  # apart from another session's
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a child process to bind."""
+    global _next_port
+    high = _ephemeral_low()
+    for _ in range(high - _PORTS_LOW):
+        port = _next_port
+        _next_port = _PORTS_LOW + (_next_port + 1 - _PORTS_LOW) % (high - _PORTS_LOW)
+        if port in _ports_given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
