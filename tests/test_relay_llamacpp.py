@@ -579,8 +579,10 @@ async def test_tpot_of_an_answer_ending_on_a_withheld_token(llama_server: LlamaS
     """" Paris", then "." (the stop string, withheld): one content frame, predicted_n 2.
     The second token took the server predicted_per_token_ms to make and the final event
     comes after it. llmtap used to record (last frame - first frame) / (2 - 1) = 0; the
-    answer's last token is the frame that ends it, so TPOT is the server's, give or take
-    the relay."""
+    answer's last token is the frame that ends it, so TPOT is the time from the content frame
+    to the final event, as the client sees it too. (Not always the server's
+    predicted_per_token_ms: a CI run saw 10.58 ms/token from the server and the final event
+    3.25 ms after the last frame on the wire, llmtap 3.31 ms.)"""
     delta = Delta(llama_tap, llama_server)
     before = llama_tap.settled_lines()
     async with aiohttp.ClientSession() as session:
@@ -599,8 +601,8 @@ async def test_tpot_of_an_answer_ending_on_a_withheld_token(llama_server: LlamaS
           f"TPOT {tpot * 1000:.3f} ms")
     assert answer.timings["predicted_n"] == len(content) + 1
     assert delta(f"{name}_count") == 1
-    server = answer.timings["predicted_per_token_ms"] / 1000
-    assert abs(tpot - server) < max(0.005, server / 2)
+    gap = final - content[-1]  # what the client saw between the two tokens' frames
+    assert abs(tpot - gap) < max(0.002, gap / 2), (tpot, gap)
 
 
 # A chat template shaped like the reasoning models' (Qwen3's, DeepSeek-R1's): the assistant's
