@@ -41,7 +41,9 @@ class Candidate:
     loaded: bool | None = None  # model resident (None = unknown)
     waiting: int = 0  # sidecar-reported waiting for this model at last poll
     in_flight: int = 0  # sidecar-reported in flight for this model at last poll
-    router_in_flight: int = 0  # this router's unfinished requests there (this model)
+    # This router's unfinished requests there (this model); with shared state (Redis) every
+    # replica's, read before the decision: "this router" is then all the replicas.
+    router_in_flight: int = 0
     router_sent_since_poll: int = 0  # this router's requests there for this model since that poll
     ttft: float | None = None  # EWMA seconds, this model, from the sidecar
     tpot: float | None = None  # EWMA seconds per output token
@@ -425,7 +427,7 @@ class ExpectedWait:
         prefill = prompt_tokens x prefill_per_token    # the incoming request's own prompt
                 | prefill EWMA | min(ttft, T x tpot)    # (its length or the rate unknown)
         S       = service EWMA | prefill + T x tpot     # one queued request's time on the model
-        n       = own in flight (exact, now) + others' (as polled) + u
+        n       = routers' in flight (exact, now) + other clients' (as polled) + u
         u       = other clients' sends since the poll (below)
         head    = 1 - running / (2 s)                   # what is left of the first in service
         wait    = (n - s + head) x S / s   if n >= s   else 0   (interpolated for fractional n)
@@ -437,6 +439,10 @@ class ExpectedWait:
     own length does not delay its first token). `running` is the sidecar's count past the
     first token at the poll. Unmeasured figures take the median of the other candidates for
     the model, else pessimistic defaults. A cloud candidate's estimate is its TTFT EWMA.
+
+    "Routers'" is this router's own requests, or with shared state every replica's (their
+    counts in Redis, read before each decision): then the others' sends are known, their share
+    below is about 0, and so is u. Without it:
 
     u, other router replicas' (and other clients') sends since the poll: in all, each
     sidecar's arrival rate x its state's age x the others' share (of everything the sidecars

@@ -2,8 +2,10 @@
 
 Each sidecar's `/llmtap/v1/state` is polled on its own task (a slow sidecar delays nobody
 else's poll); between polls the router counts its own requests there, so a burst does not all
-go to the backend that looked idle half a second ago. A circuit breaker per backend ejects one
-that keeps failing requests or polls and lets it back after a successful probe.
+go to the backend that looked idle half a second ago. With shared state, the other router
+replicas' counts are read before each decision (routing/shared_counts.py), so replicas count
+each other's sends too. A circuit breaker per backend ejects one that keeps failing requests
+or polls and lets it back after a successful probe.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from exporter.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, EjectionB
 from exporter.routing.config import DnsSpec, RouterConfig
 from exporter.routing.ledger import Ledger, MemoryLedger
 from exporter.routing.policies import Candidate, server_parallel
+from exporter.routing.shared_counts import Counts, SharedInFlight
 from exporter.routing.spend import Cloud
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Registry", "Sidecar"]
@@ -52,7 +55,8 @@ class Sidecar:
     """One llmtap sidecar as the router sees it."""
 
     def __init__(self, name: str, proxy_url: str, admin_url: str, parallel: int | None,
-                 breaker: Breaker, aliases: tuple[str, ...] = ()) -> None:
+                 breaker: Breaker, aliases: tuple[str, ...] = (),
+                 shared: SharedInFlight | None = None) -> None:
         self.name = name
         self.proxy_url = proxy_url.rstrip("/")
         self.admin_url = admin_url.rstrip("/")
@@ -66,6 +70,11 @@ class Sidecar:
         self.in_flight: dict[str, int] = {}
         self.in_flight_at_poll: dict[str, int] = {}
         self.sent_since_poll: dict[str, int] = {}
+        # The other router replicas' requests in flight here per model, now (read before each
+        # decision) and at the last poll; None: not shared, or the read failed.
+        self.shared = shared
+        self.others: dict[str, int] | None = None
+        self.others_at_poll: dict[str, int] | None = None
 
     @property
     def kind(self) -> str | None:
@@ -112,6 +121,12 @@ class Sidecar:
         if parallel is None:  # llama-server's slots, vLLM's batch, else 1
             queue = ((self.state or {}).get("upstream") or {}).get("queue") or {}
             parallel = server_parallel(self.kind, queue)
+        # Shared counts make "this router" all the replicas, now and at the poll; without
+        # both readings the others' sends are estimated (policies.py).
+        others_now = others_then = 0
+        if self.others is not None and self.others_at_poll is not None:
+            others_now = self.others.get(model, 0)
+            others_then = self.others_at_poll.get(model, 0)
         return Candidate(
             backend=self.name,
             healthy=self.breaker.eligible() and (self.state is None or self.upstream_up),
@@ -120,13 +135,13 @@ class Sidecar:
             loaded=loaded if isinstance(loaded, bool) else None,
             waiting=int(entry.get("waiting") or 0),
             in_flight=int(entry.get("in_flight") or 0),
-            router_in_flight=self.in_flight.get(model, 0),
+            router_in_flight=self.in_flight.get(model, 0) + others_now,
             router_sent_since_poll=self.sent_since_poll.get(model, 0),
             ttft=_number(ewma.get("ttft_seconds")),
             tpot=_number(ewma.get("tpot_seconds")),
             load_seconds=_number(ewma.get("load_seconds")),
             parallel=parallel,
-            router_in_flight_at_poll=self.in_flight_at_poll.get(model, 0)
+            router_in_flight_at_poll=self.in_flight_at_poll.get(model, 0) + others_then
             if self.polled_at is not None else None,
             service=_number(ewma.get("service_seconds")),
             prefill=_number(ewma.get("prefill_seconds")),
@@ -138,10 +153,14 @@ class Sidecar:
     def started(self, model: str) -> None:
         self.in_flight[model] = self.in_flight.get(model, 0) + 1
         self.sent_since_poll[model] = self.sent_since_poll.get(model, 0) + 1
+        if self.shared is not None:
+            self.shared.add(self.name, model, 1)
 
     def finished(self, model: str) -> None:
         left = self.in_flight.get(model, 0) - 1
         self.in_flight[model] = max(left, 0)
+        if self.shared is not None and left >= 0:
+            self.shared.add(self.name, model, -1)
 
     def polled(self, state: dict[str, Any], now: float) -> None:
         self.state = state
@@ -149,6 +168,14 @@ class Sidecar:
         self.poll_failures = 0
         self.in_flight_at_poll = dict(self.in_flight)
         self.sent_since_poll = {}
+
+    def saw_others(self, counts: Counts | None, at_poll: bool = False) -> None:
+        """The other replicas' counts, read now (or right after this sidecar's poll)."""
+        mine = None if counts is None else \
+            {model: n for (backend, model), n in counts.items() if backend == self.name}
+        if at_poll:
+            self.others_at_poll = mine
+        self.others = mine
 
     def describe(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "proxy_url": self.proxy_url, "admin_url": self.admin_url,
@@ -175,8 +202,13 @@ class Registry:
                  on_change: Callable[[], None] = lambda: None,
                  resolver: Resolver | None = None,
                  on_added: Callable[[str], None] = lambda name: None,
-                 ledger: Ledger | None = None, board: EjectionBoard | None = None) -> None:
+                 ledger: Ledger | None = None, board: EjectionBoard | None = None,
+                 shared: Callable[[Callable[[], Counts]], SharedInFlight] | None = None
+                 ) -> None:
         self.config = config
+        # The replicas' shared in-flight counts, if shared state is on: made here, since it
+        # writes this registry's counts.
+        self.shared = shared(self.own_counts) if shared is not None else None
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
         self.board = board  # ejections shared with the other replicas, if any
         self.sidecars: dict[str, Sidecar] = {}
@@ -207,7 +239,8 @@ class Registry:
 
     def _add(self, name: str, proxy_url: str, admin_url: str, parallel: int | None,
              aliases: tuple[str, ...] = ()) -> Sidecar:
-        sidecar = Sidecar(name, proxy_url, admin_url, parallel, self._breaker(name), aliases)
+        sidecar = Sidecar(name, proxy_url, admin_url, parallel, self._breaker(name), aliases,
+                          self.shared)
         self.sidecars[name] = sidecar
         self._on_added(name)
         if self._session is not None:  # found by DNS after start: poll it right away
@@ -221,6 +254,8 @@ class Registry:
         # One poll of everything before serving: the first requests already see real state.
         for spec in self.config.dns:
             await self.refresh_dns(spec)
+        if self.shared is not None:
+            await self.shared.start()
         await asyncio.gather(*(self.poll(s) for s in list(self.sidecars.values())))
         self._note_models()
         for sidecar in list(self.sidecars.values()):
@@ -237,6 +272,8 @@ class Registry:
                 await task
         if self._session is not None:
             await self._session.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     async def poll(self, sidecar: Sidecar) -> bool:
         assert self._session is not None
@@ -255,6 +292,8 @@ class Registry:
             sidecar.breaker.failure(liveness=True)
             return False
         sidecar.polled(state, time.monotonic())
+        if self.shared is not None:
+            sidecar.saw_others(await self.shared.others(), at_poll=True)
         # A sidecar that went unreachable is back when it answers again, once its cooldown
         # is over; one that failing answers ejected waits for a request probe (its admin
         # port answering says nothing of its requests).
@@ -311,6 +350,19 @@ class Registry:
         while True:
             await asyncio.sleep(spec.refresh_interval)
             await self.refresh_dns(spec)
+
+    def own_counts(self) -> Counts:
+        return {(s.name, model): n for s in self.sidecars.values()
+                for model, n in s.in_flight.items() if n > 0}
+
+    async def read_others(self) -> None:
+        """Before a decision: the other replicas' in-flight counts, now (one round trip,
+        under its deadline; a failure leaves the decision to the estimate)."""
+        if self.shared is None:
+            return
+        counts = await self.shared.others()
+        for sidecar in self.sidecars.values():
+            sidecar.saw_others(counts)
 
     def candidates(self, model: str) -> list[Candidate]:
         now = time.monotonic()

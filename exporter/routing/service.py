@@ -10,6 +10,7 @@ telemetry, whichever backend gave it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from exporter.routing.ledger import Ledger, MemoryLedger
 from exporter.routing.metrics import BackendCollector, RouterMetrics
 from exporter.routing.registry import Registry
 from exporter.routing.shared import RedisLedger
+from exporter.routing.shared_counts import SharedInFlight
 from exporter.routing.spend import ANY_KEY, KeyLimits
 from exporter.routing.upstream import RoutedUpstream
 from exporter.state import LiveState
@@ -54,7 +56,8 @@ class Router:
         self.ledger, board = self._ledger()
         self.backends = Registry(config, on_eject=self._ejected, on_change=self._models_changed,
                                  on_added=self.metrics.backend_known, ledger=self.ledger,
-                                 board=board)
+                                 board=board, shared=None if board is None else
+                                 functools.partial(SharedInFlight, board))
         self.limits = KeyLimits(config.key_limits, self.ledger)
         for route in config.routes:  # spills start at 0 too, per hybrid route and its cloud
             if route.hybrid is not None and (cloud := config.cloud_for(route.hybrid.heavy)):

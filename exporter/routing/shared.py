@@ -1,4 +1,5 @@
-"""State that many router replicas share, in Redis: spend, rate limits and ejections.
+"""State that many router replicas share, in Redis: spend, rate limits and ejections (their
+in-flight counts: routing/shared_counts.py).
 
 `shared_state: {redis_url: redis://host:6379/0}` in the router's config turns it on; without
 it each replica keeps its own (routing/ledger.py's MemoryLedger), which is right for one.
@@ -152,10 +153,10 @@ class RedisLedger:
             await asyncio.wait(self._pending, timeout=5.0)
         await self.redis.aclose()
 
-    def _key(self, kind: str, name: str) -> str:
+    def key(self, kind: str, name: str) -> str:
         return f"{self.prefix}:{kind}:{name}"
 
-    def _failed(self, exc: Exception, what: str) -> None:
+    def failed(self, exc: Exception, what: str) -> None:
         self.on_error()
         self.up = False
         if not self._failing:
@@ -163,7 +164,7 @@ class RedisLedger:
             log.error("shared state (Redis) failed", what=what,
                       error=str(exc) or type(exc).__name__)
 
-    def _ok(self) -> None:
+    def ok(self) -> None:
         self.up = True
         if self._failing:
             self._failing = False
@@ -186,11 +187,11 @@ class RedisLedger:
         for budget in budgets:
             args += [repr(budget.limit), DAY_KEY_TTL if budget.period == "day" else 0]
         try:
-            answer = await self._reserve(keys=[self._key("budget", k) for k in keys], args=args)
+            answer = await self._reserve(keys=[self.key("budget", k) for k in keys], args=args)
         except RedisError as exc:
-            self._failed(exc, "reserve")
+            self.failed(exc, "reserve")
             raise LedgerUnavailable(str(exc)) from None
-        self._ok()
+        self.ok()
         index = int(answer[0])
         if index:
             self._committed[keys[index - 1]] = float(answer[1])
@@ -210,14 +211,14 @@ class RedisLedger:
         task.add_done_callback(self._pending.discard)
 
     async def _write_settlement(self, reservation: Reservation, cost: float) -> None:
-        keys = [self._key("budget", k) for k in reservation.keys]
+        keys = [self.key("budget", k) for k in reservation.keys]
         for attempt in range(6):  # about 6 s: a Redis restart, not an outage
             try:
                 await self._settle(keys=keys, args=[reservation.id, repr(cost)])
-                self._ok()
+                self.ok()
                 return
             except RedisError as exc:
-                self._failed(exc, "settle")
+                self.failed(exc, "settle")
                 await asyncio.sleep(0.2 * 2 ** attempt)
         log.error("a cloud request's cost could not be written to the shared state; its "
                   "reservation holds the budget until it expires", cost=cost,
@@ -227,12 +228,12 @@ class RedisLedger:
 
     async def take(self, bucket: str, rate: float) -> float:
         try:
-            wait_ms = int(await self._take(keys=[self._key("rate", bucket)],
+            wait_ms = int(await self._take(keys=[self.key("rate", bucket)],
                                            args=[repr(rate), repr(max(1.0, rate))]))
         except RedisError as exc:
-            self._failed(exc, "rate limit")
+            self.failed(exc, "rate limit")
             raise LedgerUnavailable(str(exc)) from None
-        self._ok()
+        self.ok()
         if wait_ms:
             self._limited_until[bucket] = self.clock() + wait_ms / 1000
         return wait_ms / 1000
@@ -248,24 +249,24 @@ class RedisLedger:
     def ejected(self, backend: str, seconds: float, by: str) -> None:
         """Tell the other replicas: `backend` is out for `seconds`."""
         self._ejected_until[backend] = self.clock() + seconds
-        self._background(self.redis.set(self._key("eject", backend), by,
+        self.background(self.redis.set(self.key("eject", backend), by,
                                         px=max(1, int(seconds * 1000))), "eject")
 
     def restored(self, backend: str) -> None:
         self._ejected_until.pop(backend, None)
-        self._background(self.redis.delete(self._key("eject", backend)), "restore")
+        self.background(self.redis.delete(self.key("eject", backend)), "restore")
 
     def ejected_for(self, backend: str) -> float:
         """Seconds another replica's ejection of `backend` has left (0: none)."""
         return max(0.0, self._ejected_until.get(backend, 0.0) - self.clock())
 
-    def _background(self, write: Any, what: str) -> None:
+    def background(self, write: Any, what: str) -> None:
         async def run() -> None:
             try:
                 await write
-                self._ok()
+                self.ok()
             except RedisError as exc:
-                self._failed(exc, what)
+                self.failed(exc, what)
 
         task = asyncio.get_running_loop().create_task(run())
         self._pending.add(task)
@@ -280,15 +281,15 @@ class RedisLedger:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for budget in budgets:
-                    pipe.hgetall(self._key("budget", budget.period_key()))
+                    pipe.hgetall(self.key("budget", budget.period_key()))
                 for backend in boards:
-                    pipe.pttl(self._key("eject", backend))
+                    pipe.pttl(self.key("eject", backend))
                 pipe.ping()
                 answers = await pipe.execute()
         except RedisError as exc:
-            self._failed(exc, "refresh")
+            self.failed(exc, "refresh")
             return
-        self._ok()
+        self.ok()
         now = self.clock()
         for budget, fields in zip(budgets, answers, strict=False):
             self._committed[budget.period_key()] = _committed(fields)

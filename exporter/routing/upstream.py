@@ -170,6 +170,7 @@ class RoutedUpstream:
             model = exchange.info.model if exchange.info is not None else ""
             classification = await self.decider.classifier.classify(
                 parsed, request.path, self.decider.config.route_for(model).hybrid)
+        await self.decider.backends.read_others()  # the other replicas' sends, if shared
         decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
                                        residency, key, len(exchange.payload or b""),
                                        classification=classification)

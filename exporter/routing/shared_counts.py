@@ -1,0 +1,158 @@
+"""Router replicas' in-flight counts, shared in Redis so that each ranks with all of them.
+
+Between two polls of a sidecar a replica knows only its own sends there. With 16 replicas
+reading the same state at once, each then sends to the backends that looked idle, as if the
+other 15 had not (the simulator's many-replica table: mean TTFT 3x one router's even with
+the estimate of the others' sends). Shared counts close that gap: before each decision a
+replica reads what every other replica has in flight, per backend and model, right now.
+
+Layout, under the shared state's prefix:
+- `<prefix>:inflight:<replica>`: a hash per replica, field = JSON `[backend, model]`, value
+  = that replica's unfinished requests there. A field is deleted when it reaches 0, so the
+  hash is as big as the replica's in-flight requests, whatever model names clients send.
+- `<prefix>:replicas`: the set of replicas that have written one.
+
+Each send and each end is one fire-and-forget HINCRBY (a Lua script: the field's count, its
+deletion at 0 and the hash's expiry in one step). Every `refresh_interval` a replica rewrites
+its whole hash from its own counts: a lost or reordered write is corrected there, and the
+hash of a replica that died expires after `COUNTS_TTL`, taking its requests with it.
+
+A read that fails or takes longer than `READ_DEADLINE` returns None, and the replica falls
+back to its own counts plus the estimate of the others' sends (policies.py): the shared
+counts make routing better, never slower by more than the deadline, never unavailable.
+Scripts touch keys they compute, so this needs one Redis, not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+
+from exporter.routing.shared import RedisLedger
+
+log = structlog.get_logger("llmtap.router")
+
+READ_DEADLINE = 0.025  # seconds a decision waits for the other replicas' counts
+COUNTS_TTL = 10.0  # seconds a replica's counts outlive its last write (it rewrites them
+# every refresh_interval while alive)
+
+Counts = dict[tuple[str, str], int]  # (backend, model) -> requests in flight
+
+# KEYS: this replica's hash, the set of replicas. ARGV: field, delta, ttl ms, replica id.
+ADD = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return n
+"""
+
+# KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id. Returns the
+# other replicas' fields and counts, flat; forgets replicas whose hash is gone (expired, or
+# empty: such a one adds itself back with its next write).
+READ = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if id ~= ARGV[2] then
+    local fields = redis.call('HGETALL', ARGV[1] .. id)
+    if #fields == 0 then redis.call('SREM', KEYS[1], id) end
+    for j = 1, #fields do out[#out + 1] = fields[j] end
+  end
+end
+return out
+"""
+
+
+def replica_id() -> str:
+    """Unique per process, readable in Redis: host, pid, a random tail."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class SharedInFlight:
+    """This replica's counts written to Redis, and the other replicas' read from it."""
+
+    def __init__(self, shared: RedisLedger, mine: Callable[[], Counts],
+                 replica: str | None = None) -> None:
+        self.shared = shared
+        self.mine = mine  # this replica's own counts, for the periodic rewrite
+        self.replica = replica or replica_id()
+        self._hash = shared.key("inflight", self.replica)
+        self._set = shared.key("replicas", "inflight")
+        self._add = shared.redis.register_script(ADD)
+        self._read = shared.redis.register_script(READ)
+        self._ttl_ms = int(max(COUNTS_TTL, 3 * shared.refresh_interval) * 1000)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._rewrite_loop(), name="shared-in-flight")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError):  # gone: the others stop counting ours at once
+            await self.shared.redis.delete(self._hash)
+
+    def add(self, backend: str, model: str, delta: int) -> None:
+        """A request sent there (+1) or ended (-1): written in the background."""
+        field = orjson.dumps([backend, model])
+        self.shared.background(
+            self._add(keys=[self._hash, self._set],
+                      args=[field, delta, self._ttl_ms, self.replica]), "in-flight count")
+
+    async def others(self) -> Counts | None:
+        """The other replicas' requests in flight now, or None when unknown (Redis failing or
+        slower than READ_DEADLINE)."""
+        try:
+            flat = await asyncio.wait_for(
+                self._read(keys=[self._set], args=[self._hash.removesuffix(self.replica),
+                                                   self.replica]), READ_DEADLINE)
+        except TimeoutError:  # slow, not down: counted, and spend is not declined for it
+            self.shared.on_error()
+            return None
+        except RedisError as exc:
+            self.shared.failed(exc, "in-flight counts")
+            return None
+        self.shared.ok()
+        return _parse(flat)
+
+    async def _rewrite(self) -> None:
+        mine = {orjson.dumps([b, m]): n for (b, m), n in self.mine().items() if n > 0}
+        try:
+            async with self.shared.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._hash)
+                if mine:
+                    pipe.hset(self._hash, mapping=mine)  # type: ignore[arg-type]
+                    pipe.pexpire(self._hash, self._ttl_ms)
+                    pipe.sadd(self._set, self.replica)
+                await pipe.execute()
+        except RedisError as exc:
+            self.shared.failed(exc, "in-flight counts")
+
+    async def _rewrite_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.shared.refresh_interval)
+            await self._rewrite()
+
+
+def _parse(flat: list[bytes]) -> Counts:
+    counts: Counts = {}
+    for i in range(0, len(flat) - 1, 2):
+        try:
+            backend, model = orjson.loads(flat[i])
+            n = int(flat[i + 1])
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            continue  # not ours (another version's layout): ignored, not fatal
+        if n > 0 and isinstance(backend, str) and isinstance(model, str):
+            key = (backend, model)
+            counts[key] = counts.get(key, 0) + n
+    return counts
