@@ -64,6 +64,8 @@ async def test_each_replica_reads_the_others_counts_not_its_own(
         await _settled()
         assert await b.others() == {("x", "llama3"): 2, ("y", 'odd "name" \x1f'): 1}
         assert await a.others() == {("x", "llama3"): 1}
+        assert await b.others("llama3") == {("x", "llama3"): 2}  # one model's only
+        assert await b.others("llama") == {}  # a name's prefix is another name
         a.add("x", "llama3", -1)
         a.add("y", 'odd "name" \x1f', -1)
         await _settled()
@@ -130,14 +132,15 @@ def test_a_sidecar_candidate_counts_every_replica_only_with_both_readings() -> N
              "models": {"m:latest": {"in_flight": 5, "installed": True, "loaded": True}}}
     sidecar.started("m")
     sidecar.polled(state, 100.0)
-    sidecar.saw_others({("x", "m"): 3, ("y", "m"): 7}, at_poll=True)
+    sidecar.saw_others({("x", "m"): 3, ("y", "m"): 7, ("x", "n"): 1})  # at the poll
     sidecar.started("m")
     c = sidecar.candidate("m", 100.2, 1.5)
     assert (c.router_in_flight, c.router_in_flight_at_poll) == (2 + 3, 1 + 3)
-    sidecar.saw_others({("x", "m"): 6})  # the others sent three more since the poll
+    sidecar.saw_others({("x", "m"): 6}, "m")  # the others sent three more since the poll
     c = sidecar.candidate("m", 100.3, 1.5)
     assert (c.router_in_flight, c.router_in_flight_at_poll) == (2 + 6, 1 + 3)
-    sidecar.saw_others(None)  # this decision's read failed
+    assert sidecar.others == {"m": 6, "n": 1}  # another model's figure kept as last read
+    sidecar.saw_others(None, "m")  # this decision's read failed
     c = sidecar.candidate("m", 100.4, 1.5)
     assert (c.router_in_flight, c.router_in_flight_at_poll) == (2, 1)
 

@@ -27,6 +27,19 @@ def test_many_replicas_herd_with_the_old_pick_and_not_with_the_new_one() -> None
     assert statistics.fmean(olds) > 1.2 * statistics.fmean(news), (olds, news)
 
 
+def test_replicas_sharing_their_in_flight_counts_route_like_one_router() -> None:
+    # The same traffic (one seed) through 1 router and through 16 in phase that share their
+    # counts (the router's shared_state): the herd is gone, the mean TTFT within 10%.
+    one = simulate.herd(replicas=1, aligned=True, requests=600)
+    shared = simulate.herd(replicas=16, aligned=True, requests=600, shared=True)
+    alone = simulate.herd(replicas=16, aligned=True, requests=600)
+    for seed in (1, 2, 3):
+        single = simulate.simulate(one, "expected_wait", seed).mean_ttft
+        many = simulate.simulate(shared, "expected_wait", seed).mean_ttft
+        apart = simulate.simulate(alone, "expected_wait", seed).mean_ttft
+        assert many <= 1.1 * single < apart, (seed, single, many, apart)
+
+
 def test_the_replicas_own_counts_and_poll_phases() -> None:
     scn = simulate.herd(replicas=4, aligned=False, requests=200, backends=4)
     sim = _Sim(scn, POLICIES["expected_wait"], 0)

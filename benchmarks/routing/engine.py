@@ -25,7 +25,10 @@ What is modelled (one heap-ordered event loop, pure Python):
   flight, sent since the poll, in flight at the poll); arrivals go to a replica at random. A
   replica sees a sidecar only through polls every `poll_interval` seconds: each (replica,
   backend) pair on its own random phase, or all at the same instants (`aligned_polls`, the
-  herd's worst case: every replica reads the same state at once).
+  herd's worst case: every replica reads the same state at once). With `shared_in_flight`
+  the replicas also share their in-flight counts at once (the router's `shared_state` in
+  Redis): every replica's "router in flight" is all replicas' requests there, now and at
+  the poll.
 - Arrivals: Poisson, or bursty (a two-state Markov-modulated Poisson process: bursts at 2.5x the
   mean rate a quarter of the time, 0.5x otherwise), at a fraction of the fleet's capacity.
 
@@ -81,6 +84,7 @@ class Scenario:
     slo: float = 10.0  # TTFT goal, seconds
     replicas: int = 1  # router replicas, each with its own counts and policy instance
     aligned_polls: bool = False  # every replica polls every backend at the same instants
+    shared_in_flight: bool = False  # the replicas' in-flight counts shared (Redis), exactly
     # Validation only: service time ~ Exp(mean 1 / speed), no prefill, every model resident,
     # and every server starts with an M/M/1-stationary queue so no long warm-up is needed.
     exponential: bool = False
@@ -211,6 +215,9 @@ class _Sim:
                         for i in range(n_backends)] for _ in range(n_models)]
                       for _ in range(n_replicas)]
         self.polled_at = [[0.0] * n_backends for _ in range(n_replicas)]
+        # fleet[model][backend]: every replica's requests in flight there (shared mode's view).
+        self.fleet = [[0] * n_backends for _ in range(n_models)]
+        self.shared = scn.shared_in_flight
         self.index = {f"b{i}": i for i in range(n_backends)}
         total = sum(m.popularity for m in scn.models)
         acc, self.cum = 0.0, []
@@ -308,6 +315,7 @@ class _Sim:
                 for _ in range(int(math.log(self.rng_system.random()) / math.log(scn.load))):
                     self._enqueue(b, m, self._new_request(m, measured=False))
                     self.cands[0][m][b.idx].router_in_flight += 1
+                    self.fleet[m][b.idx] += 1
             return
         # Start warm: backend i holds models i, i+1, ... (the warm-up absorbs the rest).
         for k in range(min(scn.resident_limit, len(scn.models))):
@@ -349,12 +357,17 @@ class _Sim:
             polled = self.polled_at[r]
             for k, c in enumerate(cands):
                 c.state_age = self.now - polled[k]
+        if self.shared:
+            for k, c in enumerate(cands):
+                c.router_in_flight = self.fleet[m][k]
         traits = RequestTraits(model=scn.models[m].name, expected_output_tokens=scn.expected_tokens,
                                prompt_tokens=req.told)
         chosen = self.policies[r].rank(cands, traits, self.rng_policy)[0]
         chosen.router_in_flight += 1
         chosen.router_sent_since_poll += 1
-        self._enqueue(self.backends[self.index[chosen.backend]], m, req)
+        b = self.index[chosen.backend]
+        self.fleet[m][b] += 1
+        self._enqueue(self.backends[b], m, req)
 
     # -- backend -------------------------------------------------------------------------------
 
@@ -502,6 +515,7 @@ class _Sim:
         run.in_flight -= 1
         self._measure(run, req)
         self.cands[req.replica][m][b.idx].router_in_flight -= 1
+        self.fleet[m][b.idx] -= 1
         if req.measured:
             self.unfinished -= 1
         if run.draining and not run.queue:
@@ -527,7 +541,7 @@ class _Sim:
 
     # -- what the router sees ------------------------------------------------------------------
 
-    def _view(self, c: Candidate, run: _Runner) -> None:
+    def _view(self, c: Candidate, run: _Runner, fleet: int) -> None:
         c.in_flight = run.in_flight
         c.waiting = run.waiting
         c.loaded = run.state == LOADED
@@ -540,19 +554,19 @@ class _Sim:
             if run.prompt_seconds is not None and run.prompt_tokens else None
         c.arrival_rate = run.rate.rate(self.now)
         c.router_sent_since_poll = 0
-        c.router_in_flight_at_poll = c.router_in_flight
+        c.router_in_flight_at_poll = fleet if self.shared else c.router_in_flight
 
     def _publish(self, b: _Backend, m: int) -> None:
         """Live mode: every replica sees the change at once."""
         run = b.runners[m]
         for cands in self.cands:
-            self._view(cands[m][b.idx], run)
+            self._view(cands[m][b.idx], run, self.fleet[m][b.idx])
 
     def _poll(self, r: int, b: _Backend) -> None:
         self.polled_at[r][b.idx] = self.now
         cands = self.cands[r]
         for m, run in enumerate(b.runners):
-            self._view(cands[m][b.idx], run)
+            self._view(cands[m][b.idx], run, self.fleet[m][b.idx])
 
     def _result(self, events: int) -> RunResult:
         reqs = self.measured

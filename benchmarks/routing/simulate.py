@@ -130,11 +130,13 @@ def fleet(load: float, arrivals: str = "poisson", requests: int = 3000) -> Scena
 
 def herd(replicas: int, aligned: bool = True, requests: int = 4000,
          backends: int = HERD_BACKENDS, load: float = HERD_LOAD,
-         mean_tokens: float = 150.0) -> Scenario:
-    """Equal backends, one resident model, several router replicas: where herding shows."""
+         mean_tokens: float = 150.0, shared: bool = False) -> Scenario:
+    """Equal backends, one resident model, several router replicas: where herding shows.
+    `shared`: the replicas share their in-flight counts (the router's shared_state)."""
     return Scenario(speeds=(1.0,) * backends, models=FLEET_MODELS[:1], load=load,
                     resident_limit=1, requests=requests, warmup=requests // 4,
-                    replicas=replicas, aligned_polls=aligned, mean_tokens=mean_tokens)
+                    replicas=replicas, aligned_polls=aligned, mean_tokens=mean_tokens,
+                    shared_in_flight=shared)
 
 
 @dataclass(slots=True)
@@ -163,24 +165,28 @@ def compare(loads: Sequence[float], arrivals: Sequence[str], seeds: Sequence[int
     return cells
 
 
-# (label, replicas, polls in phase, mean output tokens). Answers of 150 tokens keep a backend
-# about 4 s, eight polls; of 15 tokens about 0.6 s, about one poll: there most of the fleet
-# changes between two polls, and herding bites hardest.
+# (label, replicas, polls in phase, mean output tokens, in-flight counts shared). Answers of
+# 150 tokens keep a backend about 4 s, eight polls; of 15 tokens about 0.6 s, about one poll:
+# there most of the fleet changes between two polls, and herding bites hardest.
+IN_PHASE = f"{HERD_REPLICAS} replicas, polls in phase"
+SHARED = IN_PHASE + ", in flight shared"
 HERD_SETTINGS = tuple(
-    (f"{tokens} tokens, {label}", replicas, aligned, tokens)
+    (f"{tokens} tokens, {label}", replicas, aligned, tokens, shared)
     for tokens in (150, 15)
-    for label, replicas, aligned in (
-        ("1 router", 1, True),
-        (f"{HERD_REPLICAS} replicas, polls in phase", HERD_REPLICAS, True),
-        (f"{HERD_REPLICAS} replicas, own poll phases", HERD_REPLICAS, False)))
+    for label, replicas, aligned, shared in (
+        ("1 router", 1, True, False),
+        (IN_PHASE, HERD_REPLICAS, True, False),
+        (f"{HERD_REPLICAS} replicas, own poll phases", HERD_REPLICAS, False, False),
+        (SHARED, HERD_REPLICAS, True, True)))
 
 
 def compare_herd(seeds: Sequence[int], requests: int,
                  policies: Sequence[str] = HERD_COMPARED,
-                 settings: Sequence[tuple[str, int, bool, int]] = HERD_SETTINGS) -> list[Cell]:
+                 settings: Sequence[tuple[str, int, bool, int, bool]] = HERD_SETTINGS
+                 ) -> list[Cell]:
     cells = []
-    for label, replicas, aligned, tokens in settings:
-        scn = herd(replicas, aligned, requests, mean_tokens=tokens)
+    for label, replicas, aligned, tokens, shared in settings:
+        scn = herd(replicas, aligned, requests, mean_tokens=tokens, shared=shared)
         for name in policies:
             cell = Cell("poisson", HERD_LOAD, name, setting=label)
             cell.runs = [simulate(scn, factory(name), s) for s in seeds]
@@ -227,8 +233,9 @@ def tune(seeds: Sequence[int] = TUNE_SEEDS, requests: int = 2000,
     base = {key: (_mean_of(scn, POLICIES["residency_first"], seeds, "goodput"),
                   _mean_of(scn, POLICIES["residency_first"], seeds, "p99_ttft"))
             for key, scn in fleets.items()}
+    # Without shared counts: those are what the estimate of other replicas' sends is for.
     herds = [herd(replicas, aligned, herd_requests, mean_tokens=tokens)
-             for _, replicas, aligned, tokens in HERD_SETTINGS]
+             for _, replicas, aligned, tokens, shared in HERD_SETTINGS if not shared]
     herd_base = [_mean_of(scn, POLICIES["power_of_two"], herd_seeds, "mean_ttft")
                  for scn in herds]
     herd_gain: dict[tuple[float, float], list[float]] = {}
@@ -304,22 +311,25 @@ def herd_verdict(cells: list[Cell]) -> list[str]:
     """The many-replica goals for expected_wait, paired by seed (the arrivals are the same
     for every policy and every number of replicas under one seed)."""
     by = {(c.setting, c.policy): c for c in cells}
-    out = ["| answers | mean TTFT, 16 replicas in phase | power_of_two's (same) | 1 router's | "
-           "EW16 - 1.1 x P2 | | EW16 - 1.1 x EW1 | |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| answers | in flight | mean TTFT, 16 replicas in phase | power_of_two's (same) | "
+           "1 router's | EW16 - 1.1 x P2 | | EW16 - 1.1 x EW1 | |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for tokens in sorted({int(c.setting.split()[0]) for c in cells}, reverse=True):
         prefix = f"{tokens} tokens, "
-        many = by.get((prefix + f"{HERD_REPLICAS} replicas, polls in phase", "expected_wait"))
-        two = by.get((prefix + f"{HERD_REPLICAS} replicas, polls in phase", "power_of_two"))
         one = by.get((prefix + "1 router", "expected_wait"))
-        if many is None or two is None or one is None:
-            continue
-        d_two = mean_ci([m.mean_ttft - 1.1 * t.mean_ttft
-                         for m, t in zip(many.runs, two.runs, strict=True)])
-        d_one = mean_ci([m.mean_ttft - 1.1 * o.mean_ttft
-                         for m, o in zip(many.runs, one.runs, strict=True)])
-        out.append(f"| {tokens} tokens | {_fmt(many.stat('mean_ttft'), 3)} | "
-                   f"{_fmt(two.stat('mean_ttft'), 3)} | {_fmt(one.stat('mean_ttft'), 3)} | "
-                   f"{_fmt(d_two, 3)} | {_met(d_two)} | {_fmt(d_one, 3)} | {_met(d_one)} |")
+        for setting, counts in ((IN_PHASE, "per replica"), (SHARED, "shared")):
+            many = by.get((prefix + setting, "expected_wait"))
+            two = by.get((prefix + setting, "power_of_two"))
+            if many is None or two is None or one is None:
+                continue
+            d_two = mean_ci([m.mean_ttft - 1.1 * t.mean_ttft
+                             for m, t in zip(many.runs, two.runs, strict=True)])
+            d_one = mean_ci([m.mean_ttft - 1.1 * o.mean_ttft
+                             for m, o in zip(many.runs, one.runs, strict=True)])
+            out.append(f"| {tokens} tokens | {counts} | {_fmt(many.stat('mean_ttft'), 3)} | "
+                       f"{_fmt(two.stat('mean_ttft'), 3)} | {_fmt(one.stat('mean_ttft'), 3)} | "
+                       f"{_fmt(d_two, 3)} | {_met(d_two)} | {_fmt(d_one, 3)} | "
+                       f"{_met(d_one)} |")
     return [*out, ""]
 
 
@@ -414,8 +424,11 @@ def render(validation: Validation, cells: list[Cell], seeds: Sequence[int] | int
             "(about 0.6 s, one poll), each arrival to a router replica at random; each replica "
             "has its own policy instance and counts. Polls in phase: every replica reads every "
             "sidecar at the same instants (the herd's worst case); own poll phases: each "
-            "(replica, sidecar) pair on its own. `expected_wait_pool3` is the estimate with the "
-            "old pick (a pool of at most 3 within 1.25 x best + 50 ms, "
+            "(replica, sidecar) pair on its own; in flight shared: polls in phase, and the "
+            "replicas share their in-flight counts at once (the router's `shared_state` in "
+            "Redis; without it, each replica estimates the others' sends since the poll). "
+            "`expected_wait_pool3` is the estimate with the old pick (a pool of at most 3 "
+            "within 1.25 x best + 50 ms, "
             f"ties in config order). {len(seed_list)} seeds, TTFT in seconds.",
             "",
             *herd_table(list(herd_cells)),

@@ -169,13 +169,18 @@ class Sidecar:
         self.in_flight_at_poll = dict(self.in_flight)
         self.sent_since_poll = {}
 
-    def saw_others(self, counts: Counts | None, at_poll: bool = False) -> None:
-        """The other replicas' counts, read now (or right after this sidecar's poll)."""
+    def saw_others(self, counts: Counts | None, model: str | None = None) -> None:
+        """The other replicas' counts read now: for one model before a decision, for every
+        model right after this sidecar's poll (`model` None)."""
         mine = None if counts is None else \
-            {model: n for (backend, model), n in counts.items() if backend == self.name}
-        if at_poll:
+            {m: n for (backend, m), n in counts.items() if backend == self.name}
+        if model is None:
             self.others_at_poll = mine
-        self.others = mine
+            self.others = None if mine is None else dict(mine)  # updated per decision
+        elif mine is None or self.others is None:
+            self.others = mine
+        else:  # this model's figure now, the others' as last read
+            self.others[model] = mine.get(model, 0)
 
     def describe(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "proxy_url": self.proxy_url, "admin_url": self.admin_url,
@@ -293,7 +298,7 @@ class Registry:
             return False
         sidecar.polled(state, time.monotonic())
         if self.shared is not None:
-            sidecar.saw_others(await self.shared.others(), at_poll=True)
+            sidecar.saw_others(await self.shared.others())
         # A sidecar that went unreachable is back when it answers again, once its cooldown
         # is over; one that failing answers ejected waits for a request probe (its admin
         # port answering says nothing of its requests).
@@ -355,14 +360,14 @@ class Registry:
         return {(s.name, model): n for s in self.sidecars.values()
                 for model, n in s.in_flight.items() if n > 0}
 
-    async def read_others(self) -> None:
-        """Before a decision: the other replicas' in-flight counts, now (one round trip,
-        under its deadline; a failure leaves the decision to the estimate)."""
+    async def read_others(self, model: str) -> None:
+        """Before a decision for `model`: the other replicas' in-flight counts for it, now
+        (one round trip, under its deadline; a failure leaves the decision to the estimate)."""
         if self.shared is None:
             return
-        counts = await self.shared.others()
+        counts = await self.shared.others(model)
         for sidecar in self.sidecars.values():
-            sidecar.saw_others(counts)
+            sidecar.saw_others(counts, model)
 
     def candidates(self, model: str) -> list[Candidate]:
         now = time.monotonic()

@@ -7,7 +7,7 @@ the estimate of the others' sends). Shared counts close that gap: before each de
 replica reads what every other replica has in flight, per backend and model, right now.
 
 Layout, under the shared state's prefix:
-- `<prefix>:inflight:<replica>`: a hash per replica, field = JSON `[backend, model]`, value
+- `<prefix>:inflight:<replica>`: a hash per replica, field = JSON `[model, backend]`, value
   = that replica's unfinished requests there. A field is deleted when it reaches 0, so the
   hash is as big as the replica's in-flight requests, whatever model names clients send.
 - `<prefix>:replicas`: the set of replicas that have written one.
@@ -55,16 +55,23 @@ redis.call('SADD', KEYS[2], ARGV[4])
 return n
 """
 
-# KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id. Returns the
-# other replicas' fields and counts, flat; forgets replicas whose hash is gone (expired, or
-# empty: such a one adds itself back with its next write).
+# KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id, the start
+# of the fields wanted ('' for all; a model's: its counts only). Returns the other replicas'
+# fields and counts, flat; forgets replicas whose hash is gone (expired, or empty: such a
+# one adds itself back with its next write).
 READ = """
 local out = {}
+local want = ARGV[3]
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if id ~= ARGV[2] then
     local fields = redis.call('HGETALL', ARGV[1] .. id)
     if #fields == 0 then redis.call('SREM', KEYS[1], id) end
-    for j = 1, #fields do out[#out + 1] = fields[j] end
+    for j = 1, #fields, 2 do
+      if string.sub(fields[j], 1, #want) == want then
+        out[#out + 1] = fields[j]
+        out[#out + 1] = fields[j + 1]
+      end
+    end
   end
 end
 return out
@@ -104,18 +111,20 @@ class SharedInFlight:
 
     def add(self, backend: str, model: str, delta: int) -> None:
         """A request sent there (+1) or ended (-1): written in the background."""
-        field = orjson.dumps([backend, model])
+        field = orjson.dumps([model, backend])
         self.shared.background(
             self._add(keys=[self._hash, self._set],
                       args=[field, delta, self._ttl_ms, self.replica]), "in-flight count")
 
-    async def others(self) -> Counts | None:
-        """The other replicas' requests in flight now, or None when unknown (Redis failing or
-        slower than READ_DEADLINE)."""
+    async def others(self, model: str | None = None) -> Counts | None:
+        """The other replicas' requests in flight now (for `model` only, if given), or None
+        when unknown (Redis failing or slower than READ_DEADLINE)."""
+        # orjson writes a model's name the same way every time: '["name",' starts its fields.
+        want = b"" if model is None else orjson.dumps([model])[:-1] + b","
         try:
             flat = await asyncio.wait_for(
                 self._read(keys=[self._set], args=[self._hash.removesuffix(self.replica),
-                                                   self.replica]), READ_DEADLINE)
+                                                   self.replica, want]), READ_DEADLINE)
         except TimeoutError:  # slow, not down: counted, and spend is not declined for it
             self.shared.on_error()
             return None
@@ -126,7 +135,7 @@ class SharedInFlight:
         return _parse(flat)
 
     async def _rewrite(self) -> None:
-        mine = {orjson.dumps([b, m]): n for (b, m), n in self.mine().items() if n > 0}
+        mine = {orjson.dumps([m, b]): n for (b, m), n in self.mine().items() if n > 0}
         try:
             async with self.shared.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._hash)
@@ -148,7 +157,7 @@ def _parse(flat: list[bytes]) -> Counts:
     counts: Counts = {}
     for i in range(0, len(flat) - 1, 2):
         try:
-            backend, model = orjson.loads(flat[i])
+            model, backend = orjson.loads(flat[i])
             n = int(flat[i + 1])
         except (orjson.JSONDecodeError, ValueError, TypeError):
             continue  # not ours (another version's layout): ignored, not fatal

@@ -166,11 +166,13 @@ class RoutedUpstream:
         # The classifier may await a model (under its deadline): here, before the synchronous
         # decision, which gets its verdict.
         classification = None
+        model = exchange.info.model if exchange.info is not None else ""
+        route = self.decider.config.route_for(model)
         if parsed is not None:
-            model = exchange.info.model if exchange.info is not None else ""
-            classification = await self.decider.classifier.classify(
-                parsed, request.path, self.decider.config.route_for(model).hybrid)
-        await self.decider.backends.read_others()  # the other replicas' sends, if shared
+            classification = await self.decider.classifier.classify(parsed, request.path,
+                                                                    route.hybrid)
+        # The other replicas' sends of the model the fleet would serve, if counts are shared.
+        await self.decider.backends.read_others(route.hybrid.light if route.hybrid else model)
         decision = self.decider.decide(request.path, exchange.endpoint, exchange.info, parsed,
                                        residency, key, len(exchange.payload or b""),
                                        classification=classification)
