@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,13 @@ from exporter.events import RequestInfo
 from exporter.protocols import endpoint_for
 from exporter.record import RequestRecord
 from exporter.routing.classifier import HEAVY, LIGHT, LOCAL, Classification, load_cascade
-from exporter.routing.config import ClassifierSpec, HybridSpec, RouterConfig, parse_config
+from exporter.routing.config import (
+    ClassifierSpec,
+    HybridSpec,
+    RouterConfig,
+    Target,
+    parse_config,
+)
 from exporter.routing.keep_local import KeepLocalGate, iban_valid, luhn
 from exporter.routing.learn import checks
 from exporter.routing.learn.curve import apgr, curve, normalised_apgr, share_for
@@ -355,7 +362,6 @@ def test_classifier_config_errors() -> None:
     base = {"backends": [{"name": "a", "proxy_url": "http://a:1", "admin_url": "http://a:2"}]}
     for section, message in [
             ({"plugin": "x:y", "model": "builtin"}, "plugin and model"),
-            ({"threshold": 1.5}, "classifier.threshold"),
             ({"deadline": 0}, "classifier.deadline"),
             ({"embeddings": {"url": "nope"}}, "classifier.embeddings.url"),
             ({"modle": "builtin"}, "classifier.modle: unknown key")]:
@@ -365,8 +371,119 @@ def test_classifier_config_errors() -> None:
         load_cascade(parse_config({**base, "classifier": {"model": "/no/such/model.json"}}))
     spec = parse_config({**base, "classifier": {"model": "builtin", "threshold": 0.7,
                                                 "deadline": 0.02}}).classifier
-    assert (spec.model, spec.threshold, spec.deadline, spec.heavy_max_tokens) == \
-        ("builtin", 0.7, 0.02, None)
+    assert (spec.model, spec.target, spec.deadline, spec.heavy_max_tokens) == \
+        ("builtin", Target("threshold", 0.7), 0.02, None)
+
+
+CLOUD = {"name": "c", "base_url": "https://api.example.com/v1", "api_key_env": "K",
+         "models": {"big": "frontier-1"}}
+BASE: dict[str, Any] = {"backends": [{"name": "a", "proxy_url": "http://a:1", "admin_url": "http://a:2"}],
+        "cloud": [CLOUD], "allow_unauthenticated_cloud": True}
+
+
+def _route(**hybrid: Any) -> dict[str, Any]:
+    return {"model": "auto", "hybrid": {"light": "small", "heavy": "big", **hybrid}}
+
+
+def test_a_threshold_target_says_one_thing_clearly() -> None:
+    """threshold, cloud_share or quality: at most one, each in [0, 1], in the classifier
+    section or a hybrid route; a share or quality target needs a learned model."""
+    from exporter.config import ConfigError
+
+    cases: list[tuple[dict[str, Any], str]] = [
+            ({"classifier": {"model": "builtin", "threshold": 0.5, "cloud_share": 0.3}},
+             r"classifier: threshold and cloud_share are ways to say one thing"),
+            ({"classifier": {"model": "builtin", "cloud_share": 0.3, "quality": 0.9}},
+             r"cloud_share and quality"),
+            ({"classifier": {"model": "builtin", "cloud_share": 1.2}},
+             r"classifier\.cloud_share: expected a share of requests in \[0, 1\]"),
+            ({"classifier": {"model": "builtin", "quality": -0.1}}, r"classifier\.quality"),
+            ({"classifier": {"model": "builtin", "quality": "high"}},
+             r"classifier\.quality: expected float"),
+            ({"classifier": {"threshold": 1.5}}, r"classifier\.threshold: expected a probab"),
+            ({"classifier": {"cloud_share": 0.3}},
+             r"classifier\.cloud_share: .*no classifier\.model is set"),
+            ({"classifier": {"plugin": "x:y", "quality": 0.9}},
+             r"classifier\.quality: .*a plugin's p\(heavy\) has none"),
+            ({"routes": [_route(cloud_share=0.2, quality=0.9)]},
+             r"routes\[0\]\.hybrid: cloud_share and quality"),
+            ({"routes": [_route(quality=0.95)]},
+             r"routes\[0\]\.hybrid\.quality: .*no classifier\.model"),
+            ({"routes": [_route(cloud_share=2)]}, r"routes\[0\]\.hybrid\.cloud_share")]
+    for raw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**BASE, **raw})
+    config = parse_config({**BASE, "classifier": {"model": "builtin", "quality": 0.9},
+                           "routes": [_route(cloud_share=0.25), _route(threshold=0.6),
+                                      _route()]})
+    assert config.classifier.target == Target("quality", 0.9)
+    assert [r.hybrid.target for r in config.routes if r.hybrid] == \
+        [Target("cloud_share", 0.25), Target("threshold", 0.6), None]
+
+
+def test_a_target_picks_its_threshold_from_the_models_calibration() -> None:
+    from exporter.routing.learned import Calibration, Model
+
+    cal = Calibration(shares=(0.0, 0.25, 0.5, 0.75, 1.0),
+                      thresholds=(1.0, 0.8, 0.6, 0.3, 0.1),
+                      quality=(0.4, 0.7, 0.9, 0.95, 1.0))
+    assert cal.threshold(Target("cloud_share", 0.5)) == pytest.approx(0.6)
+    assert cal.threshold(Target("cloud_share", 0.375)) == pytest.approx(0.7)  # between
+    assert cal.threshold(Target("cloud_share", 0.0)) == float("inf")  # nothing heavy
+    assert cal.threshold(Target("cloud_share", 1.0)) == 0.0  # everything heavy
+    assert cal.share_for_quality(0.9) == pytest.approx(0.5)
+    assert cal.share_for_quality(0.8) == pytest.approx(0.375)
+    assert cal.share_for_quality(0.3) == 0.0  # the local model alone reaches it
+    assert cal.threshold(Target("quality", 0.95)) == pytest.approx(0.3)
+    assert cal.threshold(Target("quality", 0.8)) == pytest.approx(0.7)
+    assert cal.threshold(Target("threshold", 0.42)) == 0.42
+    with pytest.raises(ValueError, match="rise"):
+        Calibration((0.0, 0.5, 0.4), (1.0, 0.5, 0.2), (0.4, 0.5, 0.6))
+    # A model file's calibration survives the round trip; without one only a threshold.
+    import numpy as np
+
+    model = Model(np.zeros(3, dtype=np.float32), 0.0, 0.5, {"kind": "server", "dim": 0},
+                  calibration=cal)
+    again = Model.from_json(model.to_json())
+    assert again.calibration == cal and again.threshold_for(None) == 0.5
+    bare = Model(np.zeros(3, dtype=np.float32), 0.0, 0.5, {"kind": "server", "dim": 0})
+    from exporter.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no calibration"):
+        bare.threshold_for(Target("quality", 0.9))
+    assert bare.threshold_for(Target("threshold", 0.2)) == 0.2
+
+
+def test_the_shipped_model_turns_each_routes_target_into_its_threshold() -> None:
+    """A larger cloud share or quality target is a lower threshold; a route's own target
+    decides that route's label; every figure comes from the model file's calibration."""
+    from exporter.routing.learned import LearnedClassifier, load_model
+
+    model = load_model("builtin")
+    cal = model.calibration
+    assert cal is not None and cal.shares[0] == 0 and cal.shares[-1] == 1
+    assert list(cal.quality) == sorted(cal.quality) and cal.quality[-1] == pytest.approx(1)
+    config = parse_config({**BASE, "classifier": {"model": "builtin", "cloud_share": 0.1},
+                           "routes": [_route(cloud_share=0.8), _route(quality=0.99)]})
+    c = load_cascade(config)
+    assert isinstance(c.model, LearnedClassifier)
+    low, high = c.model.threshold, c.threshold_for(Target("cloud_share", 0.8))
+    assert low == pytest.approx(cal.for_share(0.1)) and high < low
+    assert c.threshold_for(Target("quality", 0.99)) <= \
+        c.threshold_for(Target("quality", 0.9))
+    body = chat("What is 48 * 73 - 519? Reply with the number only.")
+
+    def verdict(hybrid: HybridSpec) -> Classification:
+        answer = asyncio.run(c.classify(body, PATH, hybrid))
+        assert answer is not None
+        return answer
+
+    p = verdict(HYBRID).p_heavy
+    assert p is not None
+    wide = HybridSpec(light="small", heavy="big", target=Target("threshold", p))
+    narrow = HybridSpec(light="small", heavy="big", target=Target("threshold",
+                                                                  min(1.0, p + 1e-3)))
+    assert verdict(wide).label == HEAVY and verdict(narrow).label == LIGHT
 
 
 # --------------------------------------------------------------------------- training
@@ -416,7 +533,7 @@ def test_the_curve_and_apgr_have_their_anchors() -> None:
 
 def test_the_labelled_set_and_the_shipped_model_agree() -> None:
     """The benchmark's data is small and its length alone does not give the label away."""
-    assert LABELS.stat().st_size < 1_000_000
+    assert LABELS.stat().st_size < 2_000_000
     records = [json.loads(line) for line in LABELS.read_text().splitlines()]
     from exporter.routing.learned import load_model
     from exporter.routing.turns import prompt_text
@@ -451,6 +568,7 @@ async def test_a_model_trained_on_the_servers_own_embeddings(tmp_path: Path) -> 
                    for t in generate(per_family=4) if t["family"] in ("arithmetic", "units")]
         model = fit.train(records, ServerEmbedder(url))
         assert model.embedder == {"kind": "server", "model": "", "dim": vectors.shape[1]}
+        assert "last" in model.blocks  # it reads the server's embeddings
         path = tmp_path / "server-model.json"
         path.write_text(json.dumps(model.to_json()))
         config = parse_config({
@@ -460,6 +578,7 @@ async def test_a_model_trained_on_the_servers_own_embeddings(tmp_path: Path) -> 
         assert isinstance(cascade.model, LearnedClassifier)
         verdict = await cascade.classify(chat("What is 3 + 4?"), PATH, HYBRID)
         assert verdict is not None and verdict.reason == "model"
+        assert isinstance(cascade.model.embedder, ServerEmbedder)
         await cascade.model.embedder.close()
         await embedder.close()
     finally:
@@ -470,3 +589,84 @@ def np_norms(vectors: Any) -> list[float]:
     import numpy as np
 
     return [float(x) for x in np.linalg.norm(vectors, axis=1)]
+
+
+async def test_a_hung_or_dead_embeddings_server_costs_at_most_the_deadline(
+        tmp_path: Path) -> None:
+    """The learned model's own path under the deadline: an embeddings endpoint that accepts
+    the connection and never answers, and one that refuses it, each cost the request at most
+    `classifier.deadline` and give it the route's fallback."""
+    import numpy as np
+
+    from exporter.routing.learned import Model
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts (the kernel does) and never answers
+    hung_port = listener.getsockname()[1]
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there
+    model = Model(np.zeros(0, dtype=np.float32), 0.0, 0.5, {"kind": "server", "dim": 4},
+                  blocks=("last", "context", "scalars", "cues"))
+    model.weights = np.zeros(model.width(4), dtype=np.float32)
+    path = tmp_path / "server-model.json"
+    path.write_text(json.dumps(model.to_json()))
+    try:
+        for port, reasons in ((hung_port, {"timeout"}), (dead_port, {"error", "timeout"})):
+            config = parse_config({
+                "backends": [{"name": "a", "proxy_url": "http://a:1", "admin_url": "http://a:2"}],
+                "classifier": {"model": str(path), "deadline": 0.05,
+                               "embeddings": {"url": f"http://127.0.0.1:{port}/v1/embeddings"}}})
+            c = load_cascade(config)
+            for fallback in (LIGHT, HEAVY):
+                start = time.perf_counter()
+                verdict = await c.classify(chat("What is 2 + 2?"), PATH,
+                                           HybridSpec("small", "big", fallback=fallback))
+                assert time.perf_counter() - start < 0.3
+                assert verdict is not None and verdict.label == fallback
+                assert verdict.reason in reasons and verdict.p_heavy is None
+            await c.close()
+    finally:
+        listener.close()
+
+
+def test_docs_show_the_benchmarks_curve_and_the_command_that_made_it() -> None:
+    """docs/routing.md's classifier figures are the results page's, row for row, and name
+    the command that made them."""
+    results = (ROOT / "benchmarks" / "routing" / "classifier_results.md").read_text()
+    docs = (ROOT / "docs" / "routing.md").read_text()
+    section = docs[docs.index("#### How well it routes"):docs.index("### Ollama clients")]
+    assert "python -m benchmarks.routing.classifier_bench" in section
+    assert "python -m benchmarks.routing.classifier_bench" in results
+
+    def rows(text: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("|") and len(cells) >= 4:
+                found.setdefault(cells[0], cells[1:])
+        return found
+
+    # The results page's headline table: the first table on the page.
+    headline = rows(results[:results.index("q@s:")])
+    fixed = rows(results[results.index("## The fixed split"):
+                         results.index("## Out of family")])
+    shown = rows(section)
+    pairs = [("learned, families never seen", headline, "learned (out of family)"),
+             ("cascade (rules, then learned)", headline, "cascade: rules, then learned"),
+             ("cue prior alone", headline, "cue prior alone (nothing fitted)"),
+             ("rules (this version)", headline, "rules (this version)"),
+             ("prompt length", headline, "prompt length"),
+             ("last-turn length", headline, "last-turn length"),
+             ("random", headline, "random (20 seeds, mean)"),
+             ("learned, fixed split", fixed, "learned (out of family)"),
+             ("last-turn length, fixed split", fixed, "last-turn length")]
+    for name, table, key in pairs:
+        assert name in shown, name
+        normalised, share = table[key][1], table[key][2]
+        assert shown[name][:2] == [normalised, share], (name, shown[name], table[key])
+    latency = re.search(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms", results)
+    assert latency is not None
+    assert f"p50 {latency[1]} ms, p99 {latency[2]} ms" in section

@@ -33,7 +33,7 @@ import structlog
 
 from exporter.config import ConfigError
 from exporter.routing.classification import HEAVY, LIGHT, LOCAL, Classification
-from exporter.routing.config import ClassifierSpec, HybridSpec, RouterConfig
+from exporter.routing.config import ClassifierSpec, HybridSpec, RouterConfig, Target
 from exporter.routing.keep_local import KeepLocalGate
 from exporter.routing.rules import Rules, requested_max_tokens
 from exporter.routing.threads import Saturated, Threads
@@ -90,6 +90,7 @@ class Cascade:
         self.gate = gate
         self.rules = Rules(spec) if spec.rules else None
         self.model = model
+        self.thresholds: dict[Target, float] = {}
 
     async def close(self) -> None:
         """Let go of what the model holds (a server embedder's connections)."""
@@ -123,7 +124,29 @@ class Cascade:
             return Classification(HEAVY, None, rule)
         if self.model is None:
             return Classification(LIGHT, None, "rules")
-        return await self._within_deadline(self.model.classify(body, path), hybrid.fallback)
+        verdict = await self._within_deadline(self.model.classify(body, path),
+                                              hybrid.fallback)
+        if hybrid.target is not None and verdict.p_heavy is not None:
+            # This route's own cut: a threshold, or a cloud share or quality target that
+            # the model's calibration turned into one (when the cascade was loaded).
+            heavy = verdict.p_heavy >= self.threshold_for(hybrid.target)
+            verdict = Classification(HEAVY if heavy else LIGHT, verdict.p_heavy,
+                                     verdict.reason)
+        return verdict
+
+    def threshold_for(self, target: Target) -> float:
+        """A route's target as a p(heavy) threshold (computed once per target)."""
+        if (known := self.thresholds.get(target)) is not None:
+            return known
+        finder = getattr(self.model, "threshold_for", None)
+        if finder is not None:
+            threshold = float(finder(target))
+        elif target.kind == "threshold":
+            threshold = target.value
+        else:  # parse_config refuses this; a Cascade built by hand might not
+            raise ConfigError(f"a {target.kind} target needs a learned model's calibration")
+        self.thresholds[target] = threshold
+        return threshold
 
     async def _within_deadline(self, call: Awaitable[Classification],
                                fallback: str) -> Classification:
@@ -166,4 +189,11 @@ def load_cascade(config: RouterConfig) -> Cascade:
         from exporter.routing.learned import LearnedClassifier
 
         model = LearnedClassifier.from_spec(spec, threads)
-    return Cascade(spec, gate, model)
+    cascade = Cascade(spec, gate, model)
+    for i, route in enumerate(config.routes):  # every route's target, checked at startup
+        if route.hybrid is not None and route.hybrid.target is not None:
+            try:
+                cascade.threshold_for(route.hybrid.target)
+            except ConfigError as exc:
+                raise ConfigError(f"routes[{i}].hybrid.{exc}") from None
+    return cascade

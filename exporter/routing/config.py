@@ -30,6 +30,7 @@ from exporter.routing.policies import DEFAULT_POLICY, POLICIES
 
 RESIDENCIES = ("any", "local")
 FALLBACKS = ("light", "heavy")
+TARGETS = ("threshold", "cloud_share", "quality")  # how a route says where heavy begins
 BUDGET_PERIODS = ("day", "total")
 
 
@@ -88,11 +89,24 @@ class KeyLimitSpec:
 
 @dataclass(frozen=True)
 class SharedStateSpec:
-    """Spend, rate limits and ejections shared by router replicas, in Redis."""
+    """Spend, rate limits, ejections and in-flight counts shared by router replicas, in
+    Redis."""
 
     redis_url: str
     prefix: str = "llmtap"  # key prefix: one Redis can serve several router fleets
-    refresh_interval: float = 1.0  # seconds between reads of budgets and ejections
+    refresh_interval: float = 1.0  # seconds between reads of budgets and ejections (and
+    # rewrites of this replica's in-flight counts)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the learned model's heavy begins, said one of three ways (exactly one is set):
+    `threshold`, a raw p(heavy); `cloud_share`, the share of requests to send to the cloud;
+    `quality`, the quality to reach (local answers right + cloud answers, over all). The last
+    two become a threshold at load time, from the calibration the model file carries."""
+
+    kind: str  # one of TARGETS
+    value: float
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class HybridSpec:
     slo_ttft: float = 2.0  # spill light requests to `heavy` when the best local E[TTFT] exceeds it
     hysteresis: float = 0.25  # stop spilling only once E[TTFT] < slo_ttft x (1 - hysteresis)
     fallback: str = "light"  # the class when the learned model or plugin fails or is late
+    target: Target | None = None  # this route's heavy/light cut; None: the classifier's
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,7 @@ class ClassifierSpec:
 
     plugin: str = ""  # "package.module:callable" (or package.module.callable)
     model: str = ""  # "builtin" (shipped) or a model file from `llmtap classifier train`
-    threshold: float | None = None  # p(heavy) from which a request is heavy; None: the model's
+    target: Target | None = None  # where heavy begins (Target); None: the model's own
     deadline: float = 0.05  # seconds the model or plugin may take; then the route's fallback
     embeddings_url: str = ""  # a model trained on a server's embeddings: its endpoint
     embeddings_model: str = ""
@@ -325,7 +340,8 @@ def _route(raw: Any, where: str) -> RouteSpec:
         hybrid = HybridSpec(light=h.get("light", str, required=True),
                             heavy=h.get("heavy", str, required=True),
                             slo_ttft=h.positive("slo_ttft", 2.0), hysteresis=hysteresis,
-                            fallback=h.choice("fallback", FALLBACKS, "light"))
+                            fallback=h.choice("fallback", FALLBACKS, "light"),
+                            target=_target(h))
         h.done()
     spec = RouteSpec(model=s.get("model", str, required=True), policy=policy, hybrid=hybrid,
                      residency=s.choice("residency", RESIDENCIES, "any"))
@@ -359,6 +375,24 @@ def _shared_state(s: _Section) -> SharedStateSpec | None:
     return spec
 
 
+def _target(s: _Section) -> Target | None:
+    """At most one of threshold, cloud_share, quality: each a number in [0, 1]."""
+    given = [(kind, s.get(kind, float)) for kind in TARGETS]
+    given = [(kind, value) for kind, value in given if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{s.where}: {' and '.join(k for k, _ in given)} are ways to say "
+                          "one thing (where heavy begins); set one of "
+                          f"{', '.join(TARGETS)}")
+    if not given:
+        return None
+    kind, value = given[0]
+    if not 0 <= value <= 1:
+        what = {"threshold": "a probability", "cloud_share": "a share of requests",
+                "quality": "a quality (share of requests answered right)"}[kind]
+        raise ConfigError(f"{s.path(kind)}: expected {what} in [0, 1], got {value!r}")
+    return Target(kind, value)
+
+
 def _classifier(s: _Section) -> ClassifierSpec:
     raw = s.get("classifier", dict)
     if raw is None:
@@ -370,12 +404,8 @@ def _classifier(s: _Section) -> ClassifierSpec:
         embeddings_url = e.url("url")
         embeddings_model = e.get("model", str, "")
         e.done()
-    threshold = c.get("threshold", float)
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ConfigError(f"classifier.threshold: expected a probability in [0, 1], got "
-                          f"{threshold!r}")
     spec = ClassifierSpec(
-        plugin=c.get("plugin", str, ""), model=c.get("model", str, ""), threshold=threshold,
+        plugin=c.get("plugin", str, ""), model=c.get("model", str, ""), target=_target(c),
         deadline=c.positive("deadline", 0.05), embeddings_url=embeddings_url,
         embeddings_model=embeddings_model, rules=c.get("rules", bool, True),
         long_prompt_chars=c.count("long_prompt_chars", 8000),
@@ -386,6 +416,22 @@ def _classifier(s: _Section) -> ClassifierSpec:
     if spec.plugin and spec.model:
         raise ConfigError("classifier: plugin and model are two ways to do one thing; set one")
     return spec
+
+
+def _check_targets(classifier: ClassifierSpec, routes: tuple[RouteSpec, ...]) -> None:
+    """A cloud_share or quality target needs a model's calibration: a plugin has none."""
+    targets = [("classifier", classifier.target)] + [
+        (f"routes[{i}].hybrid", r.hybrid.target) for i, r in enumerate(routes)
+        if r.hybrid is not None]
+    for where, target in targets:
+        if target is None or target.kind == "threshold":
+            continue
+        if not classifier.model:
+            why = "a plugin's p(heavy) has none" if classifier.plugin else \
+                "no classifier.model is set"
+            raise ConfigError(f"{where}.{target.kind}: a {target.kind} target is turned into "
+                              f"a threshold with the learned model's calibration, and {why} "
+                              "(set classifier.model, or give a threshold)")
 
 
 def _keep_local(s: _Section) -> tuple[str, ...]:
@@ -418,6 +464,7 @@ def parse_config(raw: Any) -> RouterConfig:
                               f"model alias (the `models` keys under `cloud`: "
                               f"{', '.join(sorted(aliases)) or 'none configured'})")
     classifier = _classifier(s)
+    _check_targets(classifier, routes)
     breaker = BreakerSpec()
     if (raw_breaker := s.get("breaker", dict)) is not None:
         b = _Section(raw_breaker, "breaker")

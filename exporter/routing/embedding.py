@@ -92,6 +92,24 @@ class WordLlamaEmbedder:
         pass
 
 
+class NoEmbedder:
+    """For a model that reads no embedding (cues and scalars only): nothing to load."""
+
+    dim = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "none", "dim": 0}
+
+    def embed_many(self, texts: list[str]) -> np.ndarray:
+        return np.zeros((len(texts), 0), dtype=np.float32)
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embed_many(texts)
+
+    async def close(self) -> None:
+        pass
+
+
 class ServerEmbedder:
     """An OpenAI-compatible `/v1/embeddings` (or Ollama `/api/embed`) endpoint."""
 

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -159,7 +159,8 @@ def train(args: argparse.Namespace) -> int:
 
     if args.from_labels:
         records = read_jsonl(args.from_labels)
-        against: dict[str, Any] = dict(Counter())
+        against: dict[str, Any] = {"labels": Path(args.from_labels).name,
+                                   **({"model": args.model} if args.model else {})}
     else:
         if not args.local or not args.tasks:
             raise ConfigError("--local and --tasks are needed (or --from-labels)")
@@ -186,10 +187,15 @@ def train(args: argparse.Namespace) -> int:
     stats = summary(records)
     meta = {"trained_against": {**against, **stats,
                                 "created": time.strftime("%Y-%m-%d", time.gmtime())}}
-    model = fit.train(records, embedder, meta=meta)
+    # The server's embeddings were asked for: the model reads them (a kind with embeddings).
+    kinds = [k for k, (blocks, _) in fit.KINDS.items() if "last" in blocks] \
+        if args.embeddings_url else list(fit.KINDS)
+    model = fit.train(records, embedder, meta=meta, kinds=kinds)
     Path(args.out).write_text(json.dumps(model.to_json(), separators=(",", ":")) + "\n")
     held = model.meta["fit"]["held_out_by_family"]
     print(f"{args.out}: {stats['tasks']} tasks, local model right on "
-          f"{stats['local_correct']:.1%}; threshold {model.threshold:.3f}; on families held "
-          f"out: cloud share {held['share_for_95']:.1%} for 95% quality", file=sys.stderr)
+          f"{stats['local_correct']:.1%}; {model.meta['fit']['kind']}, L2 "
+          f"{model.meta['fit']['l2']:g}; threshold {model.threshold:.3f}; on families held "
+          f"out: normalised APGR {held['normalised_apgr']:.3f}, cloud share "
+          f"{held['share_for_95']:.1%} for 95% quality", file=sys.stderr)
     return 0

@@ -320,6 +320,225 @@ FAMILIES: dict[str, Family] = {
     "chitchat": chitchat, "comparison": comparison, "units": units, "calendar": calendar,
 }
 
+
+# --------------------------------------------------------------------------- more families
+# Added for issue 17's second round. They are the benchmark's fixed held-out split: a model
+# fitted on the eleven families above is scored on these, which were written (and labelled)
+# before any of the classifier's features or settings were tried on them.
+
+
+def percent(rng: random.Random, level: int) -> Made:
+    if level == 1:
+        base = rng.choice([20, 40, 60, 80, 100, 200])
+        pct = rng.choice([50, 10])
+    elif level == 2:
+        base, pct = rng.randint(2, 9) * 100, rng.choice([10, 20, 25])
+    elif level == 3:
+        base, pct = rng.randint(3, 19) * 20, rng.choice([15, 35, 45])
+    else:
+        base, pct = rng.randint(11, 49) * 100, rng.choice([13, 17, 23, 37])
+    value = base * pct / 100
+    question = rng.choice([f"What is {pct}% of {base}?", f"Find {pct} percent of {base}.",
+                           f"How much is {pct}% of {base}?"])
+    return _ask(rng, question), {"kind": "number", "expected": value}, 24
+
+
+NUMERIC_FACTS = {
+    1: [("How many days are in a week?", 7), ("How many legs does a dog have?", 4),
+        ("How many hours are in a day?", 24), ("How many wheels does a bicycle have?", 2)],
+    2: [("How many legs does a spider have?", 8), ("How many continents are there?", 7),
+        ("How many months have 31 days?", 7), ("How many sides does a hexagon have?", 6)],
+    3: [("How many bones are in the adult human body?", 206),
+        ("In what year did humans first land on the Moon?", 1969),
+        ("How many players are on a soccer team on the field?", 11),
+        ("How many keys does a standard piano have?", 88)],
+    4: [("At what temperature in Fahrenheit does water boil at sea level?", 212),
+        ("In what year did the Berlin Wall fall?", 1989),
+        ("How many US states are there?", 50),
+        ("How many squares are on a chessboard's board, 8 by 8?", 64)],
+}
+
+
+def trivia_number(rng: random.Random, level: int) -> Made:
+    question, value = rng.choice(NUMERIC_FACTS[level])
+    return _ask(rng, question), {"kind": "number", "expected": value}, 24
+
+
+TRANSLATIONS = {
+    1: [("hello", "French", "bonjour"), ("yes", "Spanish", "si"), ("thank you", "French",
+        "merci"), ("no", "German", "nein")],
+    2: [("dog", "French", "chien"), ("cat", "Spanish", "gato"), ("water", "German", "wasser"),
+        ("house", "Spanish", "casa")],
+    3: [("butterfly", "French", "papillon"), ("apple", "German", "apfel"),
+        ("library", "Spanish", "biblioteca"), ("cheese", "French", "fromage")],
+    4: [("strawberry", "French", "fraise"), ("hedgehog", "German", "igel"),
+        ("wheelbarrow", "Spanish", "carretilla"), ("lighthouse", "French", "phare")],
+}
+
+
+def translation(rng: random.Random, level: int) -> Made:
+    word, language, expected = rng.choice(TRANSLATIONS[level])
+    question = rng.choice([f"How do you say '{word}' in {language}?",
+                           f"Translate '{word}' into {language}. One word.",
+                           f"What is the {language} word for '{word}'?"])
+    return question, {"kind": "word", "expected": expected}, 16
+
+
+SENTENCE_WORDS = ["the", "old", "man", "walked", "slowly", "to", "a", "quiet", "river",
+                  "and", "sat", "down", "under", "green", "tree", "with", "his", "small", "dog"]
+
+
+def word_count(rng: random.Random, level: int) -> Made:
+    n = {1: rng.randint(2, 3), 2: rng.randint(4, 6), 3: rng.randint(7, 10),
+         4: rng.randint(12, 18)}[level]
+    sentence = " ".join(rng.choice(SENTENCE_WORDS) for _ in range(n))
+    question = rng.choice([f"How many words are in this sentence: \"{sentence}\"?",
+                           f"Count the words in \"{sentence}\"."])
+    return _ask(rng, question), {"kind": "number", "expected": n}, 24
+
+
+def ordering(rng: random.Random, level: int) -> Made:
+    if level == 1:
+        xs = rng.sample(range(1, 10), 3)
+        question, value = f"Which is the smallest of {', '.join(map(str, xs))}?", min(xs)
+    elif level == 2:
+        xs = rng.sample(range(10, 100), 4)
+        question, value = f"What is the largest number in this list: {xs}?", max(xs)
+    elif level == 3:
+        xs = rng.sample(range(10, 100), 5)
+        question, value = (f"Sort {', '.join(map(str, xs))} from smallest to largest. "
+                           "What is the middle number?", sorted(xs)[2])
+    else:
+        xs = rng.sample(range(100, 1000), 7)
+        question, value = (f"Order these numbers from largest to smallest and tell me the "
+                           f"second one: {', '.join(map(str, xs))}.", sorted(xs)[-2])
+    return _ask(rng, question), {"kind": "number", "expected": value}, 24
+
+
+YES_NO = {
+    1: [("Is the sun a star?", "yes"), ("Is ice cold?", "yes"), ("Can fish swim?", "yes"),
+        ("Is fire wet?", "no")],
+    2: [("Is a whale a fish?", "no"), ("Is a tomato a fruit?", "yes"),
+        ("Do penguins fly?", "no"), ("Is Mount Everest in Asia?", "yes")],
+    3: [("Is 91 divisible by 7?", "yes"), ("Is 2023 a leap year?", "no"),
+        ("Is 0.5 greater than 0.45?", "yes"), ("Is 144 a perfect square?", "yes")],
+    4: [("Is 391 divisible by 17?", "yes"), ("Is 1900 a leap year?", "no"),
+        ("Is 0.3 greater than 0.29 and less than 0.31?", "yes"),
+        ("Is 221 a prime number?", "no")],
+}
+
+
+def yes_no(rng: random.Random, level: int) -> Made:
+    question, expected = rng.choice(YES_NO[level])
+    return question + rng.choice([" Answer yes or no.", " Yes or no?", ""]), \
+        {"kind": "yes_no", "expected": expected}, 12
+
+
+OPPOSITES = {1: [("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night")],
+             2: [("happy", "sad"), ("fast", "slow"), ("early", "late"), ("full", "empty")],
+             3: [("ancient", "modern"), ("victory", "defeat"), ("expand", "contract"),
+                 ("generous", "stingy")],
+             4: [("ascend", "descend"), ("optimist", "pessimist"), ("scarce", "abundant"),
+                 ("transparent", "opaque")]}
+
+
+def opposite(rng: random.Random, level: int) -> Made:
+    word, expected = rng.choice(OPPOSITES[level])
+    question = rng.choice([f"What is the opposite of '{word}'?",
+                           f"Give an antonym of '{word}'. One word.",
+                           f"What word means the opposite of {word}?"])
+    return question, {"kind": "word", "expected": expected}, 12
+
+
+PHRASES = ["as soon as possible", "by the way", "for your information", "in my opinion",
+           "frequently asked questions", "do it yourself", "laugh out loud",
+           "to be determined", "personal identification number", "end of day"]
+
+
+def acronym(rng: random.Random, level: int) -> Made:
+    if level <= 2:
+        phrase = rng.choice(PHRASES)
+    else:
+        count = 4 if level == 3 else 6
+        phrase = " ".join(rng.sample(SENTENCE_WORDS + WORDS, count))
+    expected = "".join(w[0] for w in phrase.split()).upper()
+    question = rng.choice([f"Make an acronym from the first letters of \"{phrase}\".",
+                           f"What are the initials of the phrase \"{phrase}\", in capitals?"])
+    return question + " Reply with the acronym only.", {"kind": "token", "expected": expected}, 12
+
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]
+MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+
+
+def months(rng: random.Random, level: int) -> Made:
+    i = rng.randrange(12)
+    if level == 1:
+        question, value = f"Which month comes after {MONTHS[i]}?", MONTHS[(i + 1) % 12]
+    elif level == 2:
+        question, value = f"Which month comes right before {MONTHS[i]}?", MONTHS[(i - 1) % 12]
+    elif level == 3:
+        k = rng.randint(3, 8)
+        question, value = f"What month is it {k} months after {MONTHS[i]}?", MONTHS[(i + k) % 12]
+    else:
+        j = (i + 1) % 12 if i < 11 else 0
+        a, b = rng.randint(1, 28), rng.randint(1, 28)
+        days = MONTH_DAYS[i] - a + b
+        question = (f"How many days are there from {MONTHS[i]} {a} to {MONTHS[j]} {b} "
+                    "(not a leap year)? Answer with the number.")
+        return question, {"kind": "number", "expected": days}, 24
+    return question + " Reply with the month.", {"kind": "choice", "expected": value,
+                                                  "options": MONTHS, "pick": "last"}, 16
+
+
+REQUESTS = ["Suggest a name for my new goldfish.", "Write a one-line birthday wish for my "
+            "sister.", "Give me a fun fact.", "Recommend a movie for tonight.",
+            "Say good night to me.", "Write a haiku about rain.",
+            "Give me a short motivational quote.", "Describe the sea in one sentence.",
+            "What should I cook for dinner?", "Tell me something about cats.",
+            "Write a friendly out-of-office reply.", "Cheer me up, please."]
+
+
+def creative(rng: random.Random, level: int) -> Made:
+    return rng.choice(REQUESTS), {"kind": "nonempty"}, 48
+
+
+def list_sum(rng: random.Random, level: int) -> Made:
+    count, low, high = {1: (2, 1, 9), 2: (3, 1, 9), 3: (4, 10, 50), 4: (6, 10, 99)}[level]
+    xs = [rng.randint(low, high) for _ in range(count)]
+    question = rng.choice([f"Add up these numbers: {', '.join(map(str, xs))}.",
+                           f"What is the sum of {', '.join(map(str, xs))}?",
+                           f"What do {', '.join(map(str, xs[:-1]))} and {xs[-1]} add up to?"])
+    return _ask(rng, question), {"kind": "number", "expected": sum(xs)}, 24
+
+
+def letters(rng: random.Random, level: int) -> Made:
+    word = rng.choice(WORDS)
+    if level == 1:
+        question = f"Does the word '{word}' start with the letter '{word[0]}'? Yes or no."
+        return question, {"kind": "yes_no", "expected": "yes"}, 12
+    if level == 2:
+        question, value = f"How many letters are in the word '{word}'?", len(word)
+        return _ask(rng, question), {"kind": "number", "expected": value}, 16
+    if level == 3:
+        k = rng.randint(2, 5)
+        ordinal = {2: "second", 3: "third", 4: "fourth", 5: "fifth"}[k]
+        question = f"What is the {ordinal} letter of the word '{word}'? Just the letter."
+        return question, {"kind": "word", "expected": word[k - 1]}, 8
+    vowels = sum(ch in "aeiou" for ch in word)
+    question = f"How many vowels does the word '{word}' contain?"
+    return _ask(rng, question), {"kind": "number", "expected": vowels}, 16
+
+
+NEW_FAMILIES: dict[str, Family] = {
+    "percent": percent, "trivia_number": trivia_number, "translation": translation,
+    "word_count": word_count, "ordering": ordering, "yes_no": yes_no, "opposite": opposite,
+    "acronym": acronym, "months": months, "creative": creative, "list_sum": list_sum,
+    "letters": letters,
+}
+FAMILIES.update(NEW_FAMILIES)
+
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are a concise assistant. Keep answers short.",
@@ -368,7 +587,7 @@ def generate(per_family: int = 80, seed: int = 17,
     """`per_family` tasks of every family, levels evenly spread (chit-chat has one level)."""
     rng = random.Random(seed)
     for name, make in families.items():
-        levels = [1] if name == "chitchat" else [1, 2, 3, 4]
+        levels = [1] if name in ("chitchat", "creative") else [1, 2, 3, 4]
         for i in range(per_family):
             level = levels[i % len(levels)]
             question, check, max_tokens = make(rng, level)
