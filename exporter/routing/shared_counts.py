@@ -57,22 +57,32 @@ return n
 
 # KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id, the start
 # of the fields wanted ('' for all; a model's: its counts only). Returns the other replicas'
-# fields and counts, flat; forgets replicas whose hash is gone (expired, or empty: such a
-# one adds itself back with its next write).
+# counts summed per field, flat (summed here: one field per backend goes back, not one per
+# replica and backend, and parsing the answer is most of a read's cost); forgets replicas
+# whose hash is gone (expired, or empty: such a one adds itself back with its next write).
 READ = """
-local out = {}
+local sums, order = {}, {}
 local want = ARGV[3]
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if id ~= ARGV[2] then
     local fields = redis.call('HGETALL', ARGV[1] .. id)
     if #fields == 0 then redis.call('SREM', KEYS[1], id) end
     for j = 1, #fields, 2 do
-      if string.sub(fields[j], 1, #want) == want then
-        out[#out + 1] = fields[j]
-        out[#out + 1] = fields[j + 1]
+      local name = fields[j]
+      if string.sub(name, 1, #want) == want then
+        if sums[name] == nil then
+          sums[name] = 0
+          order[#order + 1] = name
+        end
+        sums[name] = sums[name] + tonumber(fields[j + 1])
       end
     end
   end
+end
+local out = {}
+for _, name in ipairs(order) do
+  out[#out + 1] = name
+  out[#out + 1] = sums[name]
 end
 return out
 """
