@@ -590,10 +590,16 @@ class _ResponseState:
         step = max(1, int(bandwidth / 50)) if bandwidth else len(data)
         for k in range(0, len(data), step):
             piece = data[k:k + step]
-            down_w.write(piece)
+            # Recorded *before* it is written, never after: write() sends at once and the
+            # send() system call releases the GIL, so this thread can lose the CPU (or the
+            # GIL) right after it while llmtap reads the bytes, relays them and the test
+            # reads the recording. Recorded afterwards, a test could see fewer bytes than
+            # llmtap had already received (a flaky `got == sent`). Recorded first, every
+            # byte llmtap can have read is in `sent`, by construction.
             self.conn.sent_total += len(piece)
             if self.proxy.record:
                 self.conn.sent += piece
+            down_w.write(piece)
             await down_w.drain()
             if bandwidth:
                 await asyncio.sleep(len(piece) / bandwidth)

@@ -17,6 +17,7 @@ import random
 import socket
 import statistics
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -287,6 +288,48 @@ async def faulty_request(tap: Llmtap, proxy: FaultProxy, dialect: tuple[str, dic
     found = proxy.find("x-test-id", tag)
     assert found is not None
     return received, cut, found[1].body, took
+
+
+async def test_fault_proxy_records_bytes_before_they_can_be_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `got == sent` below compares what llmtap relayed with the proxy's recording,
+    read as soon as the client has its bytes: the recording must already hold every byte the
+    reader can have. The proxy's thread loses the CPU right after each send() here (as it
+    can at any time: send() releases the GIL); a proxy that recorded after writing showed
+    the reader fewer bytes than it had read (CI: the broken-framing SSE case, 1 run in ~10)."""
+    write = asyncio.StreamWriter.write
+
+    def preempted(self: asyncio.StreamWriter, data: Any) -> None:
+        write(self, data)
+        if threading.current_thread().name == "fault-proxy":
+            time.sleep(0.2)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", preempted)
+    response = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n")
+
+    async def upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(response)
+        await w.drain()
+        await r.read()
+        w.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    async with server, FaultProxy("127.0.0.1", server.sockets[0].getsockname()[1]) as proxy:
+        r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Test-Id: rec\r\n\r\n")
+        got = b""
+        found = None
+        while len(got) < len(response):
+            data = await asyncio.wait_for(r.read(65536), 5)
+            assert data
+            got += data
+            found = proxy.find("x-test-id", "rec")
+            assert found is not None
+            assert found[1].response.startswith(got), (found[1].response, got)
+        assert found is not None and found[1].body == b"hello"
+        w.close()
 
 
 def error_tail(received: bytes, sent: bytes) -> dict[str, Any]:
