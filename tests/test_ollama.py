@@ -129,8 +129,12 @@ async def test_queue_inside_ollama_is_seen_and_its_wait_matches_the_clock(
 
     async def one(i: int) -> None:
         arrived[i] = time.monotonic()
+        # Greedy, so every answer runs its full num_predict (about 1 s): sampled, one answer
+        # in eight here stopped after a few tokens, before the third request had arrived,
+        # and the queue of two was never there to see.
         await post(tap.url, "/api/generate", {"model": MODEL, "prompt": f"Count to 40 ({i})",
-                                              "options": {"num_predict": 60}})
+                                              "options": {"num_predict": 120,
+                                                          "temperature": 0, "seed": 7}})
         ended[i] = time.monotonic()
 
     tasks = []
@@ -345,9 +349,11 @@ async def test_nothing_llmtap_polls_keeps_or_shows_prompt_text(tap: Llmtap) -> N
     """While a request with a unique prompt runs (its runner's /slots polled meanwhile),
     neither the state endpoint, the metrics nor the log holds any of its text."""
     secret = "zebra-quartz-" + str(time.monotonic_ns())
+    # A story, greedy: its full 80 tokens (about 0.8 s) keep the slot busy past a poll.
+    # ("Repeat after me", sampled, ended after 22 tokens in some runs: a quarter second.)
     task = asyncio.create_task(post(tap.url, "/api/generate", {
-        "model": MODEL, "prompt": f"Repeat after me: {secret}", "stream": False,
-        "options": {"num_predict": 40}}))
+        "model": MODEL, "prompt": f"Tell a long story about a zebra named {secret}.",
+        "stream": False, "options": {"num_predict": 80, "temperature": 0, "seed": 7}}))
     seen = await until(lambda: tap.metrics().value(
         "llmtap_model_slots_busy", gen_ai_request_model=MODEL) == 1, within=20)
     assert seen, "the runner's slot was never seen busy"
