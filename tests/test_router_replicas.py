@@ -23,7 +23,7 @@ from exporter.routing.breaker import Breaker
 from exporter.routing.config import BreakerSpec
 from exporter.routing.registry import Sidecar
 from exporter.routing.shared import RedisLedger
-from exporter.routing.shared_counts import Counts, SharedInFlight
+from exporter.routing.shared_counts import Counts, SharedInFlight, per_backend
 from tests.helpers import Llmtap, LlmtapRouter, RedisServer, Simulator, free_port, running
 
 _prefixes = itertools.count()
@@ -66,6 +66,9 @@ async def test_each_replica_reads_the_others_counts_not_its_own(
         assert await a.others() == {("x", "llama3"): 1}
         assert await b.others("llama3") == {("x", "llama3"): 2}  # one model's only
         assert await b.others("llama") == {}  # a name's prefix is another name
+        assert await b.others(backend="y") == {("y", 'odd "name" \x1f'): 1}  # one backend's
+        assert await b.others(backend='"') == {}  # a quote in a name is escaped: no match
+        assert await b.others("llama3", "x") == {("x", "llama3"): 2}
         a.add("x", "llama3", -1)
         a.add("y", 'odd "name" \x1f', -1)
         await _settled()
@@ -132,11 +135,13 @@ def test_a_sidecar_candidate_counts_every_replica_only_with_both_readings() -> N
              "models": {"m:latest": {"in_flight": 5, "installed": True, "loaded": True}}}
     sidecar.started("m")
     sidecar.polled(state, 100.0)
-    sidecar.saw_others({("x", "m"): 3, ("y", "m"): 7, ("x", "n"): 1})  # at the poll
+    polled = per_backend({("x", "m"): 3, ("y", "m"): 7, ("x", "n"): 1})
+    assert polled == {"x": {"m": 3, "n": 1}, "y": {"m": 7}}
+    sidecar.saw_others(polled["x"])  # at the poll
     sidecar.started("m")
     c = sidecar.candidate("m", 100.2, 1.5)
     assert (c.router_in_flight, c.router_in_flight_at_poll) == (2 + 3, 1 + 3)
-    sidecar.saw_others({("x", "m"): 6}, "m")  # the others sent three more since the poll
+    sidecar.saw_others({"m": 6}, "m")  # the others sent three more since the poll
     c = sidecar.candidate("m", 100.3, 1.5)
     assert (c.router_in_flight, c.router_in_flight_at_poll) == (2 + 6, 1 + 3)
     assert sidecar.others == {"m": 6, "n": 1}  # another model's figure kept as last read

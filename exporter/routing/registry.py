@@ -27,7 +27,7 @@ from exporter.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, EjectionB
 from exporter.routing.config import DnsSpec, RouterConfig
 from exporter.routing.ledger import Ledger, MemoryLedger
 from exporter.routing.policies import Candidate, server_parallel
-from exporter.routing.shared_counts import Counts, SharedInFlight
+from exporter.routing.shared_counts import Counts, SharedInFlight, per_backend
 from exporter.routing.spend import Cloud
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Registry", "Sidecar"]
@@ -169,11 +169,9 @@ class Sidecar:
         self.in_flight_at_poll = dict(self.in_flight)
         self.sent_since_poll = {}
 
-    def saw_others(self, counts: Counts | None, model: str | None = None) -> None:
-        """The other replicas' counts read now: for one model before a decision, for every
-        model right after this sidecar's poll (`model` None)."""
-        mine = None if counts is None else \
-            {m: n for (backend, m), n in counts.items() if backend == self.name}
+    def saw_others(self, mine: dict[str, int] | None, model: str | None = None) -> None:
+        """The other replicas' counts here per model (None: unknown), read now: for one model
+        before a decision, for every model right after this sidecar's poll (`model` None)."""
         if model is None:
             self.others_at_poll = mine
             self.others = None if mine is None else dict(mine)  # updated per decision
@@ -298,7 +296,9 @@ class Registry:
             return False
         sidecar.polled(state, time.monotonic())
         if self.shared is not None:
-            sidecar.saw_others(await self.shared.others())
+            counts = await self.shared.others(backend=sidecar.name)
+            sidecar.saw_others(None if counts is None else
+                               {model: n for (_, model), n in counts.items()})
         # A sidecar that went unreachable is back when it answers again, once its cooldown
         # is over; one that failing answers ejected waits for a request probe (its admin
         # port answering says nothing of its requests).
@@ -366,8 +366,10 @@ class Registry:
         if self.shared is None:
             return
         counts = await self.shared.others(model)
+        by_backend = None if counts is None else per_backend(counts)
         for sidecar in self.sidecars.values():
-            sidecar.saw_others(counts, model)
+            sidecar.saw_others(None if by_backend is None else by_backend.get(sidecar.name, {}),
+                               model)
 
     def candidates(self, model: str) -> list[Candidate]:
         now = time.monotonic()

@@ -56,20 +56,23 @@ return n
 """
 
 # KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id, the start
-# of the fields wanted ('' for all; a model's: its counts only). Returns the other replicas'
+# and the end of the fields wanted ('' for any; a model's start, a backend's end: its counts
+# only; JSON escapes the quotes inside a name, so neither can match across the two names).
+# Returns the other replicas'
 # counts summed per field, flat (summed here: one field per backend goes back, not one per
 # replica and backend, and parsing the answer is most of a read's cost); forgets replicas
 # whose hash is gone (expired, or empty: such a one adds itself back with its next write).
 READ = """
 local sums, order = {}, {}
-local want = ARGV[3]
+local want, tail = ARGV[3], ARGV[4]
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if id ~= ARGV[2] then
     local fields = redis.call('HGETALL', ARGV[1] .. id)
     if #fields == 0 then redis.call('SREM', KEYS[1], id) end
     for j = 1, #fields, 2 do
       local name = fields[j]
-      if string.sub(name, 1, #want) == want then
+      if string.sub(name, 1, #want) == want
+          and (#tail == 0 or string.sub(name, -#tail) == tail) then
         if sums[name] == nil then
           sums[name] = 0
           order[#order + 1] = name
@@ -126,15 +129,18 @@ class SharedInFlight:
             self._add(keys=[self._hash, self._set],
                       args=[field, delta, self._ttl_ms, self.replica]), "in-flight count")
 
-    async def others(self, model: str | None = None) -> Counts | None:
-        """The other replicas' requests in flight now (for `model` only, if given), or None
-        when unknown (Redis failing or slower than READ_DEADLINE)."""
-        # orjson writes a model's name the same way every time: '["name",' starts its fields.
+    async def others(self, model: str | None = None,
+                     backend: str | None = None) -> Counts | None:
+        """The other replicas' requests in flight now (for `model`, for `backend` only, if
+        given), or None when unknown (Redis failing or slower than READ_DEADLINE)."""
+        # orjson writes a name the same way every time: '["model",' starts the model's fields,
+        # ',"backend"]' ends the backend's.
         want = b"" if model is None else orjson.dumps([model])[:-1] + b","
+        tail = b"" if backend is None else b"," + orjson.dumps([backend])[1:]
         try:
             flat = await asyncio.wait_for(
                 self._read(keys=[self._set], args=[self._hash.removesuffix(self.replica),
-                                                   self.replica, want]), READ_DEADLINE)
+                                                   self.replica, want, tail]), READ_DEADLINE)
         except TimeoutError:  # slow, not down: counted, and spend is not declined for it
             self.shared.on_error()
             return None
@@ -161,6 +167,14 @@ class SharedInFlight:
         while True:
             await asyncio.sleep(self.shared.refresh_interval)
             await self._rewrite()
+
+
+def per_backend(counts: Counts) -> dict[str, dict[str, int]]:
+    """The counts by backend, then model: one pass, however many sidecars take theirs."""
+    out: dict[str, dict[str, int]] = {}
+    for (backend, model), n in counts.items():
+        out.setdefault(backend, {})[model] = n
+    return out
 
 
 def _parse(flat: list[bytes]) -> Counts:
