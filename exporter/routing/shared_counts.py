@@ -104,7 +104,8 @@ class SharedInFlight:
         self.shared = shared
         self.mine = mine  # this replica's own counts, for the periodic rewrite
         self.replica = replica or replica_id()
-        self._hash = shared.key("inflight", self.replica)
+        self._hashes = shared.key("inflight", "")  # each replica's: this + its id
+        self._hash = self._hashes + self.replica
         self._set = shared.key("replicas", "inflight")
         self._add = shared.redis.register_script(ADD)
         self._read = shared.redis.register_script(READ)
@@ -124,7 +125,7 @@ class SharedInFlight:
 
     def add(self, backend: str, model: str, delta: int) -> None:
         """A request sent there (+1) or ended (-1): written in the background."""
-        field = orjson.dumps([model, backend])
+        field = _field(backend, model)
         self.shared.background(
             self._add(keys=[self._hash, self._set],
                       args=[field, delta, self._ttl_ms, self.replica]), "in-flight count")
@@ -139,8 +140,8 @@ class SharedInFlight:
         tail = b"" if backend is None else b"," + orjson.dumps([backend])[1:]
         try:
             flat = await asyncio.wait_for(
-                self._read(keys=[self._set], args=[self._hash.removesuffix(self.replica),
-                                                   self.replica, want, tail]), READ_DEADLINE)
+                self._read(keys=[self._set], args=[self._hashes, self.replica, want, tail]),
+                READ_DEADLINE)
         except TimeoutError:  # slow, not down: counted, and spend is not declined for it
             self.shared.on_error()
             return None
@@ -151,7 +152,7 @@ class SharedInFlight:
         return _parse(flat)
 
     async def _rewrite(self) -> None:
-        mine = {orjson.dumps([m, b]): n for (b, m), n in self.mine().items() if n > 0}
+        mine = {_field(b, m): n for (b, m), n in self.mine().items() if n > 0}
         try:
             async with self.shared.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._hash)
@@ -167,6 +168,11 @@ class SharedInFlight:
         while True:
             await asyncio.sleep(self.shared.refresh_interval)
             await self._rewrite()
+
+
+def _field(backend: str, model: str) -> bytes:
+    """A count's field in a replica's hash (the read script matches its start and end)."""
+    return orjson.dumps([model, backend])
 
 
 def per_backend(counts: Counts) -> dict[str, dict[str, int]]:
