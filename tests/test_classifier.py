@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import socket
 import subprocess
@@ -509,11 +510,13 @@ def test_checks_read_rambling_answers_fairly() -> None:
 
 
 def test_the_task_generator_is_varied_and_reproducible() -> None:
-    from exporter.routing.learn.tasks import FAMILIES, generate
+    from exporter.routing.learn.tasks import FAMILIES, every_family, generate
 
     tasks = list(generate(per_family=12))
     assert tasks == list(generate(per_family=12))
-    assert {t["family"] for t in tasks} == set(FAMILIES) and len(FAMILIES) >= 10
+    assert {t["family"] for t in tasks} == set(every_family()) and len(every_family()) >= 30
+    # The third batch is appended: the first 23 families' tasks are what they were.
+    assert tasks[:12 * len(FAMILIES)] == list(generate(per_family=12, families=FAMILIES))
     assert {t["level"] for t in tasks} == {1, 2, 3, 4}
     framed = [t["body"]["messages"] for t in tasks]
     assert any(m[0]["role"] == "system" for m in framed)
@@ -529,6 +532,16 @@ def test_the_curve_and_apgr_have_their_anchors() -> None:
     flat = curve([0.5] * 8, correct)  # one tie group: the straight line = random
     assert apgr(flat) == pytest.approx(0.5) and normalised_apgr(flat) == pytest.approx(0.0)
     assert share_for(perfect, 1.0) == pytest.approx(5 / 8)
+    # Normalised APGR is the accuracy ratio of this gain curve, 2 AUC - 1 (AUC: how often a
+    # heavy item scores above a light one, ties half): a target of 0.5 is an AUC of 0.75.
+    rng = random.Random(3)
+    right = [rng.random() < 0.3 for _ in range(400)]
+    scores = [round(rng.gauss(0.0 if r else 0.8, 1.0), 1) for r in right]  # with ties
+    heavy = [s for s, r in zip(scores, right, strict=True) if not r]
+    light = [s for s, r in zip(scores, right, strict=True) if r]
+    auc = sum((h > li) + 0.5 * (h == li) for h in heavy for li in light) / (
+        len(heavy) * len(light))
+    assert normalised_apgr(curve(scores, right)) == pytest.approx(2 * auc - 1, abs=1e-9)
 
 
 def test_the_labelled_set_and_the_shipped_model_agree() -> None:
@@ -670,3 +683,44 @@ def test_docs_show_the_benchmarks_curve_and_the_command_that_made_it() -> None:
     latency = re.search(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms", results)
     assert latency is not None
     assert f"p50 {latency[1]} ms, p99 {latency[2]} ms" in section
+
+
+def _right_and_wrong(spec: dict[str, Any]) -> tuple[str, str]:
+    """A right answer built from a task's check, and a plainly wrong one."""
+    kind, expected = spec["kind"], spec["expected"]
+
+    def number(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    if kind == "number":
+        return number(expected), number(expected + 1)
+    if kind == "choice":
+        assert expected in spec["options"]
+        return expected, next(o for o in spec["options"] if o != expected)
+    if kind == "yes_no":
+        return expected, "no" if expected == "yes" else "yes"
+    assert kind in ("word", "token") and expected
+    return expected, expected[:-1] if len(expected) > 1 else expected * 2
+
+
+def test_the_third_batch_of_families_checks_right_and_wrong_answers() -> None:
+    from exporter.routing.learn.tasks_third import THIRD_FAMILIES, in_words, roman_numeral
+
+    assert roman_numeral(1994) == "MCMXCIV" and roman_numeral(49) == "XLIX"
+    assert in_words(45602, british=True) == "forty-five thousand six hundred and two"
+    assert in_words(3007) == "three thousand seven" and in_words(90) == "ninety"
+    assert len(THIRD_FAMILIES) == 10
+    for name, make in THIRD_FAMILIES.items():
+        rng = random.Random(f"third-{name}")
+        for level in (1, 2, 3, 4):
+            for _ in range(6):
+                question, spec, max_tokens = make(rng, level)
+                assert question and 8 <= max_tokens <= 64, (name, level)
+                right, wrong = _right_and_wrong(spec)
+                for answer in (right, f"Sure! The answer is {right}.",
+                               f"{right}\n\nHope this helps with the rest of your homework."):
+                    assert checks.check(answer, spec), (name, level, question, answer)
+                assert not checks.check(wrong, spec), (name, level, question, wrong)
+                assert not checks.check(f"The answer is {wrong}.", spec), (name, question)
+        asked = {make(rng, 1 + i % 4)[0] for i in range(40)}
+        assert len(asked) >= 3, name
