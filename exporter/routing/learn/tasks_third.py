@@ -41,13 +41,17 @@ PLURALS = {
 }
 
 
-def plural(rng: random.Random, level: int) -> Made:
-    noun, expected = rng.choice(PLURALS[level])
-    question = rng.choice([f"What is the plural of '{noun}'?",
-                           f"Give the plural form of the noun '{noun}'.",
-                           f"One {noun}, two ...? Give the plural.",
-                           f"Write the plural of \"{noun}\"."])
+def _word_form(rng: random.Random, pairs: list[tuple[str, str]], questions: list[str]) -> Made:
+    """A word and the one form of it asked for ({w} in each paraphrase)."""
+    word, expected = rng.choice(pairs)
+    question = rng.choice([q.format(w=word) for q in questions])
     return _ask(rng, question, ONE_WORD), {"kind": "word", "expected": expected}, 12
+
+
+def plural(rng: random.Random, level: int) -> Made:
+    return _word_form(rng, PLURALS[level], [
+        "What is the plural of '{w}'?", "Give the plural form of the noun '{w}'.",
+        "One {w}, two ...? Give the plural.", 'Write the plural of "{w}".'])
 
 
 # --------------------------------------------------------------------------- past tense
@@ -70,12 +74,9 @@ PAST = {
 
 
 def past_tense(rng: random.Random, level: int) -> Made:
-    verb, expected = rng.choice(PAST[level])
-    question = rng.choice([f"What is the past tense of '{verb}'?",
-                           f"Give the simple past form of the verb '{verb}'.",
-                           f"Today I {verb}. Yesterday I ...? Give the verb.",
-                           f"Put the verb \"{verb}\" in the simple past."])
-    return _ask(rng, question, ONE_WORD), {"kind": "word", "expected": expected}, 12
+    return _word_form(rng, PAST[level], [
+        "What is the past tense of '{w}'?", "Give the simple past form of the verb '{w}'.",
+        "Today I {w}. Yesterday I ...? Give the verb.", 'Put the verb "{w}" in the simple past.'])
 
 
 # --------------------------------------------------------------------------- roman numerals
