@@ -53,8 +53,12 @@ def add_commands(commands: Any) -> None:
                        help="fit from this labelled set instead of running the tasks")
     train.add_argument("--concurrency", type=int, default=2)
     train.add_argument("--embeddings-url", default="", metavar="URL",
-                       help="train on this embeddings endpoint's vectors instead of the "
-                            "bundled WordLlama (e.g. http://127.0.0.1:8080/v1/embeddings)")
+                       help="train on this embeddings endpoint's vectors alone (default: "
+                            "cues, scalars, the bundled WordLlama); best your own model's: "
+                            "a second llama-server of the same GGUF with --embeddings "
+                            "--pooling last "
+                            "(http://127.0.0.1:8090/v1/embeddings); the router then needs it "
+                            "as classifier.embeddings.url")
     train.add_argument("--embeddings-model", default="")
     train.add_argument("--dim", type=int, default=64, choices=(64, 128, 256),
                        help="WordLlama dimensions to use (default: %(default)s)")
@@ -187,9 +191,8 @@ def train(args: argparse.Namespace) -> int:
     stats = summary(records)
     meta = {"trained_against": {**against, **stats,
                                 "created": time.strftime("%Y-%m-%d", time.gmtime())}}
-    # The server's embeddings were asked for: the model reads them (a kind with embeddings).
-    kinds = [k for k, (blocks, _) in fit.KINDS.items() if "last" in blocks] \
-        if args.embeddings_url else list(fit.KINDS)
+    # The server's embeddings were asked for: the model reads them, and nothing else.
+    kinds = list(fit.SERVER_KINDS) if args.embeddings_url else list(fit.KINDS)
     model = fit.train(records, embedder, meta=meta, kinds=kinds)
     Path(args.out).write_text(json.dumps(model.to_json(), separators=(",", ":")) + "\n")
     held = model.meta["fit"]["held_out_by_family"]
