@@ -6,13 +6,19 @@ labelled by running them on SmolLM2-135M-Instruct (Q4_1) on the real llama-serve
 temperature 0 (`llmtap classifier train ... --labels`): local_correct says whether the local
 model answered right. No model server is needed here.
 
-Every learned score is out of family, two ways: leaving one family out (the headline: the
-items of each family scored by a model fitted on the other families only, its kind and L2
-penalty chosen by fit.choose on an inner split of those families alone), and the fixed split
-(fitted and chosen on the first eleven families, scored on the twelve of
-tasks.NEW_FAMILIES, which were written and labelled as this held-out split before any
-feature or setting was tried on them). So the numbers say how the classifier does on kinds
-of request it was not trained on.
+Every learned score is out of family, three ways: leaving one family out (the headline:
+the items of each family scored by a model fitted on the other families only, its kind and
+L2 penalty chosen by fit.choose on an inner split of those families alone), and two fixed
+splits, each written and labelled as a held-out split before any feature or setting was
+tried on it: the second batch (fitted and chosen on the first eleven families, scored on
+the twelve of tasks.NEW_FAMILIES), and the blind batch (fitted and chosen on those 23,
+scored on the ten of tasks_third.THIRD_FAMILIES, written by someone who never saw a result,
+and scored once, after the model and its settings were fixed). So the numbers say how the
+classifier does on kinds of request it was not trained on.
+
+With `--own-embeddings URL` it also scores a model that reads the local model's own
+embeddings (the `server` embedder: a llama-server of the same GGUF started with
+`--embeddings --pooling last`), the same three ways.
 
 Routers compared (quality = local items answered right + every item sent to the cloud, over
 all items; exporter/routing/learn/curve.py):
@@ -31,6 +37,8 @@ Latency: the cascade as the router calls it (async, the model's work on the clas
 thread, the embedding model loaded once), over every labelled body.
 
     .venv/bin/python -m benchmarks.routing.classifier_bench          # writes classifier_results.md
+    .venv/bin/python -m benchmarks.routing.classifier_bench --own-embeddings \
+        http://127.0.0.1:8090/v1/embeddings                            # and the server embedder
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +60,12 @@ import numpy as np
 
 from exporter.routing.classifier import load_cascade
 from exporter.routing.config import ClassifierSpec, HybridSpec, RouterConfig
-from exporter.routing.embedding import WordLlamaEmbedder
+from exporter.routing.embedding import ServerEmbedder, WordLlamaEmbedder
 from exporter.routing.learn import fit
 from exporter.routing.learn.curve import apgr, curve, normalised_apgr, quality_at, share_for
-from exporter.routing.learn.tasks import NEW_FAMILIES
-from exporter.routing.learned import CUE_NAMES, TextSpec, cues
+from exporter.routing.learn.tasks import FAMILIES, NEW_FAMILIES
+from exporter.routing.learn.tasks_third import THIRD_FAMILIES
+from exporter.routing.learned import CUE_NAMES, TextSpec, cues, texts
 from exporter.routing.rules import Rules, requested_max_tokens
 from exporter.routing.turns import prompt_text
 
@@ -81,24 +91,25 @@ def old_rules(body: dict[str, Any]) -> bool:
 
 
 def held_out_scores(x: np.ndarray, y: np.ndarray, families: list[str], train: np.ndarray,
-                    dim: int) -> tuple[np.ndarray, fit.Choice]:
+                    dim: int, kinds: tuple[str, ...] = tuple(fit.KINDS)
+                    ) -> tuple[np.ndarray, fit.Choice]:
     """Scores for the items not in `train`, by a model fitted on `train` only: its kind and
     penalty chosen by the inner split of the training families alone (fit.choose)."""
     inner = [f for f, t in zip(families, train, strict=True) if t]
-    choice = fit.choose(x[train], y[train], inner, dim)
+    choice = fit.choose(x[train], y[train], inner, dim, kinds)
     weights, bias = fit.fit_choice(x[train], y[train], choice, dim)
     return fit.predict(fit.select(x[~train], choice.blocks, dim), weights, bias), choice
 
 
-def nested_scores(x: np.ndarray, y: np.ndarray, families: list[str],
-                  dim: int) -> tuple[np.ndarray, list[str]]:
+def nested_scores(x: np.ndarray, y: np.ndarray, families: list[str], dim: int,
+                  kinds: tuple[str, ...] = tuple(fit.KINDS)) -> tuple[np.ndarray, list[str]]:
     """Leave one family out: each family scored by a model fitted (and chosen) without it."""
     names = np.asarray(families)
     out = np.zeros(len(y))
     chosen = []
     for family in sorted(set(families)):
         held = names == family
-        out[held], choice = held_out_scores(x, y, families, ~held, dim)
+        out[held], choice = held_out_scores(x, y, families, ~held, dim, kinds)
         chosen.append(f"{family}: {choice.kind}, L2 {choice.l2:g}")
     return out, chosen
 
@@ -148,6 +159,26 @@ def latency(records: list[dict[str, Any]], rounds: int) -> dict[str, float]:
             "p99_ms": 1e3 * times[int(len(times) * 0.99)], "max_ms": 1e3 * times[-1]}
 
 
+def embedding_latency(embedder: ServerEmbedder, bodies: list[dict[str, Any]],
+                      count: int = 300) -> dict[str, float]:
+    """What reading the server's embeddings costs one classification (the last turn and the
+    context, one request: what LearnedClassifier.classify sends), one call at a time."""
+
+    async def run() -> list[float]:
+        times = []
+        for body in bodies[:count]:
+            last, ctx = texts(body, TextSpec())
+            start = time.perf_counter()
+            await embedder.embed([last, ctx])
+            times.append(time.perf_counter() - start)
+        await embedder.close()
+        return times
+
+    times = sorted(asyncio.run(run()))
+    return {"n": len(times), "p50_ms": 1e3 * times[len(times) // 2],
+            "p99_ms": 1e3 * times[int(len(times) * 0.99)], "max_ms": 1e3 * times[-1]}
+
+
 def auc(scores: np.ndarray, heavy: np.ndarray) -> float | None:
     """P(a heavy item scores above a light one), ties half: None if either is missing."""
     pos, neg = scores[heavy == 1], scores[heavy == 0]
@@ -189,57 +220,150 @@ def family_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Data:
+    records: list[dict[str, Any]]
+    bodies: list[dict[str, Any]]
+    correct: list[bool]
+    families: list[str]
+    y: np.ndarray  # 1: heavy (the local model was wrong)
+    rule_heavy: list[bool]
+
+    @classmethod
+    def read(cls, path: str) -> Data:
+        records = [json.loads(line) for line in Path(path).read_text().splitlines()
+                   if line.strip()]
+        bodies = [r["body"] for r in records]
+        correct = [bool(r["local_correct"]) for r in records]
+        rules = Rules(ClassifierSpec())
+        return cls(records, bodies, correct, [r["family"] for r in records],
+                   np.array([0.0 if c else 1.0 for c in correct]),
+                   [bool(rules(b)) for b in bodies])
+
+    def of(self, names: Any) -> np.ndarray:
+        return np.array([f in names for f in self.families])
+
+    def routers(self, scores: np.ndarray, mask: np.ndarray) -> list[dict[str, Any]]:
+        pick = np.flatnonzero(mask)
+        return routers([self.bodies[i] for i in pick], [self.correct[i] for i in pick],
+                       scores, [self.rule_heavy[i] for i in pick])
+
+
+# The first eleven families: what the second batch's split is fitted on.
+FIRST = set(FAMILIES) - set(NEW_FAMILIES)
+
+
+@dataclass
+class Evaluation:
+    """One feature set scored three ways: leaving one family out, and the two fixed splits."""
+    lofo: np.ndarray
+    chosen: list[str]
+    second: tuple[np.ndarray, fit.Choice]
+    blind: tuple[np.ndarray, fit.Choice]
+
+
+def evaluate(data: Data, x: np.ndarray, dim: int, kinds: tuple[str, ...]) -> Evaluation:
+    lofo, chosen = nested_scores(x, data.y, data.families, dim, kinds)
+    first, second, third = data.of(FIRST), data.of(NEW_FAMILIES), data.of(THIRD_FAMILIES)
+    keep = first | second  # the second batch's split knows nothing of the third
+    second_scores, second_choice = held_out_scores(
+        x[keep], data.y[keep], [f for f, k in zip(data.families, keep, strict=True) if k],
+        first[keep], dim, kinds)
+    blind = held_out_scores(x, data.y, data.families, ~third, dim, kinds)
+    return Evaluation(lofo, chosen, (second_scores, second_choice), blind)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="latency passes over the data")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--labels", default=str(LABELS), help="the labelled set")
     parser.add_argument("--dim", type=int, default=64, help="WordLlama dimensions")
+    parser.add_argument("--own-embeddings", default="", metavar="URL",
+                        help="also score a model on this /v1/embeddings endpoint's vectors "
+                        "(the local model's own: llama-server --embeddings --pooling last)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    records = [json.loads(line) for line in Path(args.labels).read_text().splitlines()
-               if line.strip()]
-    bodies = [r["body"] for r in records]
-    correct = [bool(r["local_correct"]) for r in records]
-    families = [r["family"] for r in records]
-    y = np.array([0.0 if c else 1.0 for c in correct])
-
-    x = fit.design(bodies, WordLlamaEmbedder(dim=args.dim), TextSpec())
-    learned, chosen = nested_scores(x, y, families, args.dim)
-    rules = Rules(ClassifierSpec())
-    rule_heavy = [bool(rules(b)) for b in bodies]
-    rows = routers(bodies, correct, learned, rule_heavy)
+    data = Data.read(args.labels)
+    x = fit.design(data.bodies, WordLlamaEmbedder(dim=args.dim), TextSpec())
+    shipped = evaluate(data, x, args.dim, tuple(fit.KINDS))
+    own, own_latency = None, None
+    if args.own_embeddings:
+        embedder = ServerEmbedder(args.own_embeddings)
+        own_x = fit.design(data.bodies, embedder, TextSpec())
+        own = evaluate(data, own_x, embedder.dim, fit.SERVER_KINDS)  # as `train` fits it
+        own_latency = embedding_latency(embedder, data.bodies)
+    everything = np.ones(len(data.y), dtype=bool)
+    rows = data.routers(shipped.lofo, everything)
     rows.insert(2, summarise("learned, families seen (5-fold over tasks; for contrast)",
-                             list(seen_family_scores(x, y, families, args.dim)), correct))
-    # The fixed split, declared before the second twelve families were labelled: fit (and
-    # choose) on the first eleven, score the twelve.
-    new = np.array([f in NEW_FAMILIES for f in families])
-    fixed, fixed_choice = held_out_scores(x, y, families, ~new, args.dim)
-    pick = [i for i in range(len(records)) if new[i]]
-    fixed_rows = routers([bodies[i] for i in pick], [correct[i] for i in pick], fixed,
-                         [rule_heavy[i] for i in pick])
-    lat = latency(records, args.rounds)
-    seconds = time.perf_counter() - started
-    new_records = [records[i] for i in pick]
-    text = render(records, rows, lat, sum(correct) / len(correct), seconds) + "\n".join(
-        ["", "## The fixed split: fitted on the first eleven families, scored on the twelve "
-         "others", "",
-         f"The twelve ({', '.join(sorted(NEW_FAMILIES))}) were added to the task generator "
-         "and labelled as the benchmark's fixed held-out split before any feature or setting "
-         "was tried on them (the cue word lists were written after these families' prompts "
-         "were, leaving out words only they would suggest). Chosen on the eleven: "
-         f"{fixed_choice.kind}, L2 {fixed_choice.l2:g}. "
-         f"{len(new_records)} tasks; the local model answered "
-         f"{sum(r['local_correct'] for r in new_records) / len(new_records):.1%} right.", "",
-         *table(fixed_rows), "",
-         "## Out of family: between or within families?", "",
-         *diagnosis(families, y, learned), "",
-         "Kind and penalty chosen for each held-out family (on the inner split of the "
-         "others): " + "; ".join(chosen) + ".", ""])
+                             list(seen_family_scores(x, data.y, data.families, args.dim)),
+                             data.correct))
+    lat = latency(data.records, args.rounds)
+    text = "\n".join([
+        render(data.records, rows, lat, sum(data.correct) / len(data.correct),
+               time.perf_counter() - started, own is not None),
+        *summary_table(data, shipped, own), "",
+        *([] if own_latency is None else [
+            "Reading the local model's own embeddings (last turn and context, one request to "
+            f"the llama-server, one at a time), {own_latency['n']} calls: p50 "
+            f"{own_latency['p50_ms']:.1f} ms, p99 {own_latency['p99_ms']:.1f} ms, max "
+            f"{own_latency['max_ms']:.1f} ms.", ""]),
+        *split_section(data, "The second batch: fitted on the first eleven families, scored "
+                       "on the twelve of the second", NEW_FAMILIES, shipped.second),
+        *split_section(data, "The blind batch: fitted on the 23 families, scored on ten "
+                       "written blind", THIRD_FAMILIES, shipped.blind),
+        "## Out of family: between or within families?", "",
+        *diagnosis(data.families, data.y, shipped.lofo), "",
+        "Kind and penalty chosen for each held-out family (on the inner split of the "
+        "others): " + "; ".join(shipped.chosen) + ".", ""])
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)
     return 0
+
+
+SPLIT_NOTES = {
+    "second": "written and labelled as a held-out split before any feature or setting was "
+              "tried on them (the cue word lists were written after these families' prompts "
+              "were, leaving out words only they would suggest)",
+    "blind": "written by a helper who never saw a result, a label or a feature, labelled "
+             "once, and scored once with the classifier and its settings as they were",
+}
+
+
+def split_section(data: Data, title: str, names: Any,
+                  scored: tuple[np.ndarray, fit.Choice]) -> list[str]:
+    mask = data.of(names)
+    scores, choice = scored
+    kind = "second" if names is NEW_FAMILIES else "blind"
+    right = [data.correct[i] for i in np.flatnonzero(mask)]
+    return ["## " + title, "",
+            f"The {len(names)} ({', '.join(sorted(names))}) were {SPLIT_NOTES[kind]}. "
+            f"Chosen on the families fitted on: {choice.kind}, L2 {choice.l2:g}. "
+            f"{len(right)} tasks; the local model answered {sum(right) / len(right):.1%} "
+            "right.", "", *table(data.routers(scores, mask)), ""]
+
+
+def summary_table(data: Data, shipped: Evaluation, own: Evaluation | None) -> list[str]:
+    """Normalised APGR of each router, the three ways of holding families out side by side."""
+    everything = np.ones(len(data.y), dtype=bool)
+    views = [(everything, shipped.lofo), (data.of(NEW_FAMILIES), shipped.second[0]),
+             (data.of(THIRD_FAMILIES), shipped.blind[0])]
+    tables = [data.routers(scores, mask) for mask, scores in views]
+    if own is not None:
+        extra = [own.lofo, own.second[0], own.blind[0]]
+        for rows_, (mask, _), scores in zip(tables, views, extra, strict=True):
+            pick = np.flatnonzero(mask)
+            rows_.insert(1, summarise("learned on the local model's own embeddings",
+                                      list(scores), [data.correct[i] for i in pick]))
+    out = ["## Normalised APGR, three ways of holding families out", "",
+           f"| router | leave one family out ({len(set(data.families))}) | second batch "
+           "(fitted on 11, scored on 12) | blind batch (fitted on 23, scored on 10) |",
+           "|---|---|---|---|"]
+    for i, row in enumerate(tables[0]):
+        out.append(f"| {row['router']} | " + " | ".join(
+            f"{t[i]['normalised']:.3f}" for t in tables) + " |")
+    return out
 
 
 def routers(bodies: list[dict[str, Any]], correct: list[bool], learned: np.ndarray,
@@ -279,10 +403,12 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], lat: dict[str, float],
-           weak: float, seconds: float) -> str:
+           weak: float, seconds: float, own: bool) -> str:
     out = ["# Light/heavy classifier: quality against cloud share", "",
-           "Made by `.venv/bin/python -m benchmarks.routing.classifier_bench` "
-           f"({seconds:.0f} s on this machine's 2 cores) from "
+           "Made by `.venv/bin/python -m benchmarks.routing.classifier_bench"
+           + (" --own-embeddings URL` (URL: llama-server of the same SmolLM2 GGUF, "
+              "`--embeddings --pooling last -c 2048 -np 2`)" if own else "`")
+           + f" ({seconds:.0f} s on this machine's 2 cores) from "
            "`benchmarks/routing/classifier_labels.jsonl`: "
            f"{len(records)} tasks in {len({r['family'] for r in records})} families, "
            "labelled on SmolLM2-135M-Instruct Q4_1 (llama-server, temperature 0), which "
