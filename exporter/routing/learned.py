@@ -75,8 +75,9 @@ def _words(*patterns: str) -> re.Pattern[str]:
 # string work, dates, order, several steps, an output format, code; and of what it can:
 # chit-chat, recall, reading an answer off the given text. Each is a count (log1p) in the
 # last turn. The word lists were written from the task kinds the first eleven families
-# stand for (the second twelve are the benchmark's fixed held-out split: words only they
-# would suggest were left out), so they are a prior the fit weighs, not rules.
+# stand for (the second twelve are the benchmark's second batch: words only they would
+# suggest were left out; the ten of the blind batch came after the lists), so they are a
+# prior the fit weighs, not rules.
 CUES: dict[str, re.Pattern[str]] = {
     "compute": _words(r"sum", r"add(?:s|ed)?", r"total", r"subtract\w*", r"minus",
                       r"multipl\w*", r"times", r"divid\w*", r"product", r"percent\w*", r"average",

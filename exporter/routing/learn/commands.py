@@ -53,8 +53,9 @@ def add_commands(commands: Any) -> None:
                        help="fit from this labelled set instead of running the tasks")
     train.add_argument("--concurrency", type=int, default=2)
     train.add_argument("--embeddings-url", default="", metavar="URL",
-                       help="train on this embeddings endpoint's vectors alone (default: "
-                            "cues, scalars, the bundled WordLlama); best your own model's: "
+                       help="train on this embeddings endpoint's vectors and the scalars, "
+                            "no cues (default: cues, scalars, the bundled WordLlama); best "
+                            "your own model's: "
                             "a second llama-server of the same GGUF with --embeddings "
                             "--pooling last "
                             "(http://127.0.0.1:8090/v1/embeddings); the router then needs it "
@@ -191,7 +192,7 @@ def train(args: argparse.Namespace) -> int:
     stats = summary(records)
     meta = {"trained_against": {**against, **stats,
                                 "created": time.strftime("%Y-%m-%d", time.gmtime())}}
-    # The server's embeddings were asked for: the model reads them, and nothing else.
+    # The server's embeddings were asked for: the model reads them (and scalars), no cues.
     kinds = list(fit.SERVER_KINDS) if args.embeddings_url else list(fit.KINDS)
     model = fit.train(records, embedder, meta=meta, kinds=kinds)
     Path(args.out).write_text(json.dumps(model.to_json(), separators=(",", ":")) + "\n")

@@ -121,9 +121,10 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "embeddings": (("last", "context", "scalars"), False),
     "embeddings+cues, no prior": (BLOCKS, False),
 }
-# With the model server's own embeddings (`--embeddings-url`): those vectors alone. They come
-# from the model whose answers are being predicted, and carry what the cues say: leaving one
-# family out of 23, adding the cues took SmolLM2's vectors from 0.362 to 0.351.
+# With the model server's own embeddings (`--embeddings-url`): those vectors and the scalars,
+# no cues. The vectors come from the model whose answers are being predicted, and carry what
+# the cues say: leaving one family out of 23, adding the cues took SmolLM2's vectors from
+# 0.362 to 0.351.
 SERVER_KINDS = ("embeddings",)
 INNER_FOLDS = 5  # the inner split: the training families dealt into this many groups
 

@@ -8,8 +8,8 @@ same rules as the others: levels 1 (trivial for a small model) to 4 (hard for on
 paraphrases of similar length at every level (a hard level is harder, not longer), answers
 computed in code or taken from facts with one accepted form, and a check of an existing kind.
 
-Kept in its own module (importing `tasks`, never imported by it) so that wiring it into
-`FAMILIES` is one line there and no import cycle appears.
+Kept in its own module: it imports `tasks`, and `tasks.every_family` imports it only when
+called (appending these ten to `FAMILIES`), so no import cycle appears.
 """
 
 from __future__ import annotations
