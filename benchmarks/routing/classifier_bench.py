@@ -4,21 +4,22 @@ it never saw.
 Data: benchmarks/routing/classifier_labels.jsonl, tasks from exporter/routing/learn/tasks.py
 labelled by running them on SmolLM2-135M-Instruct (Q4_1) on the real llama-server at
 temperature 0 (`llmtap classifier train ... --labels`): local_correct says whether the local
-model answered right. No model server is needed here.
+model answered right. No model server is needed here, unless `--own-embeddings`.
 
 Every learned score is out of family, three ways: leaving one family out (the headline:
 the items of each family scored by a model fitted on the other families only, its kind and
 L2 penalty chosen by fit.choose on an inner split of those families alone), and two fixed
 splits, each written and labelled as a held-out split before any feature or setting was
 tried on it: the second batch (fitted and chosen on the first eleven families, scored on
-the twelve of tasks.NEW_FAMILIES), and the blind batch (fitted and chosen on those 23,
-scored on the ten of tasks_third.THIRD_FAMILIES, written by someone who never saw a result,
-and scored once, after the model and its settings were fixed). So the numbers say how the
-classifier does on kinds of request it was not trained on.
+the twelve of tasks.NEW_FAMILIES), and the blind batch (fitted and chosen on the 23 of
+tasks.FAMILIES, scored on the ten of tasks_third.THIRD_FAMILIES, written by someone who
+never saw a result, and scored once, after the model and its settings were fixed). So the
+numbers say how the classifier does on kinds of request it was not trained on.
 
 With `--own-embeddings URL` it also scores a model that reads the local model's own
 embeddings (the `server` embedder: a llama-server of the same GGUF started with
-`--embeddings --pooling last`), the same three ways.
+`--embeddings --pooling last`), the same three ways, and times reading those embeddings
+(300 calls, one at a time).
 
 Routers compared (quality = local items answered right + every item sent to the cloud, over
 all items; exporter/routing/learn/curve.py):
@@ -52,6 +53,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,7 +242,7 @@ class Data:
                    np.array([0.0 if c else 1.0 for c in correct]),
                    [bool(rules(b)) for b in bodies])
 
-    def of(self, names: Any) -> np.ndarray:
+    def of(self, names: Collection[str]) -> np.ndarray:
         return np.array([f in names for f in self.families])
 
     def routers(self, scores: np.ndarray, mask: np.ndarray) -> list[dict[str, Any]]:
@@ -299,9 +301,21 @@ def main(argv: list[str]) -> int:
                              list(seen_family_scores(x, data.y, data.families, args.dim)),
                              data.correct))
     lat = latency(data.records, args.rounds)
-    text = "\n".join([
-        render(data.records, rows, lat, sum(data.correct) / len(data.correct),
-               time.perf_counter() - started, own is not None),
+    text = page(data, rows, lat, time.perf_counter() - started, shipped, own, own_latency)
+    print(text)
+    if not args.no_write:
+        RESULTS.write_text(text)
+    return 0
+
+
+def page(data: Data, rows: list[dict[str, Any]], lat: dict[str, float], seconds: float,
+         shipped: Evaluation, own: Evaluation | None,
+         own_latency: dict[str, float] | None) -> str:
+    """The results page: the headline (leaving one family out), the three views side by
+    side, each fixed split, and where out-of-family scoring goes wrong."""
+    return "\n".join([
+        render(data.records, rows, lat, sum(data.correct) / len(data.correct), seconds,
+               own is not None),
         *summary_table(data, shipped, own), "",
         *([] if own_latency is None else [
             "Reading the local model's own embeddings (last turn and context, one request to "
@@ -309,17 +323,13 @@ def main(argv: list[str]) -> int:
             f"{own_latency['p50_ms']:.1f} ms, p99 {own_latency['p99_ms']:.1f} ms, max "
             f"{own_latency['max_ms']:.1f} ms.", ""]),
         *split_section(data, "The second batch: fitted on the first eleven families, scored "
-                       "on the twelve of the second", NEW_FAMILIES, shipped.second),
+                       "on the twelve of the second", "second", NEW_FAMILIES, shipped.second),
         *split_section(data, "The blind batch: fitted on the 23 families, scored on ten "
-                       "written blind", THIRD_FAMILIES, shipped.blind),
+                       "written blind", "blind", THIRD_FAMILIES, shipped.blind),
         "## Out of family: between or within families?", "",
         *diagnosis(data.families, data.y, shipped.lofo), "",
         "Kind and penalty chosen for each held-out family (on the inner split of the "
         "others): " + "; ".join(shipped.chosen) + ".", ""])
-    print(text)
-    if not args.no_write:
-        RESULTS.write_text(text)
-    return 0
 
 
 SPLIT_NOTES = {
@@ -331,11 +341,10 @@ SPLIT_NOTES = {
 }
 
 
-def split_section(data: Data, title: str, names: Any,
+def split_section(data: Data, title: str, kind: str, names: Collection[str],
                   scored: tuple[np.ndarray, fit.Choice]) -> list[str]:
     mask = data.of(names)
     scores, choice = scored
-    kind = "second" if names is NEW_FAMILIES else "blind"
     right = [data.correct[i] for i in np.flatnonzero(mask)]
     return ["## " + title, "",
             f"The {len(names)} ({', '.join(sorted(names))}) were {SPLIT_NOTES[kind]}. "
@@ -358,7 +367,8 @@ def summary_table(data: Data, shipped: Evaluation, own: Evaluation | None) -> li
                                       list(scores), [data.correct[i] for i in pick]))
     out = ["## Normalised APGR, three ways of holding families out", "",
            f"| router | leave one family out ({len(set(data.families))}) | second batch "
-           "(fitted on 11, scored on 12) | blind batch (fitted on 23, scored on 10) |",
+           f"(fitted on {len(FIRST)}, scored on {len(NEW_FAMILIES)}) | blind batch (fitted "
+           f"on {len(FAMILIES)}, scored on {len(THIRD_FAMILIES)}) |",
            "|---|---|---|---|"]
     for i, row in enumerate(tables[0]):
         out.append(f"| {row['router']} | " + " | ".join(
