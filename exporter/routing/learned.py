@@ -134,6 +134,11 @@ def cues(body: dict[str, Any]) -> np.ndarray:
 BLOCKS = ("last", "context", "scalars", "cues")  # what a row may hold, in this order
 
 
+def block_sizes(dim: int) -> dict[str, int]:
+    """How many features each block holds, with `dim`-wide embeddings."""
+    return {"last": dim, "context": dim, "scalars": len(SCALARS), "cues": len(CUE_NAMES)}
+
+
 def rows(bodies: list[dict[str, Any]], vectors: np.ndarray,
          blocks: tuple[str, ...]) -> np.ndarray:
     """Feature rows for bodies whose texts were embedded as [last turns..., contexts...]."""
@@ -226,7 +231,7 @@ class Model:
 
     def width(self, dim: int) -> int:
         """The number of features a row of this model has, with `dim`-wide embeddings."""
-        sizes = {"last": dim, "context": dim, "scalars": len(SCALARS), "cues": len(CUE_NAMES)}
+        sizes = block_sizes(dim)
         return sum(sizes[b] for b in self.blocks)
 
     def threshold_for(self, target: Target | None) -> float:

@@ -23,6 +23,7 @@ from exporter.routing.learned import (
     Calibration,
     Model,
     TextSpec,
+    block_sizes,
     rows,
     texts,
 )
@@ -40,7 +41,7 @@ def design(bodies: Sequence[dict[str, Any]], embedder: Embedder, spec: TextSpec,
 
 def columns(blocks: tuple[str, ...], dim: int) -> dict[str, slice]:
     """Where each block lies in a row of design(..., BLOCKS)."""
-    sizes = {"last": dim, "context": dim, "scalars": len(SCALARS), "cues": len(CUE_NAMES)}
+    sizes = block_sizes(dim)
     out, start = {}, 0
     for b in BLOCKS:
         out[b] = slice(start, start + sizes[b])
@@ -97,6 +98,7 @@ PRIOR_WEIGHT = 0.5
 
 def prior_for(blocks: tuple[str, ...], dim: int) -> np.ndarray:
     """The prior weights of a row with `blocks` (zero but for the cues)."""
+    sizes = block_sizes(dim)
     parts = []
     for b in BLOCKS:
         if b not in blocks:
@@ -104,7 +106,7 @@ def prior_for(blocks: tuple[str, ...], dim: int) -> np.ndarray:
         if b == "cues":
             parts.append(np.array([PRIOR_WEIGHT * PRIOR_SIGNS.get(n, 0) for n in CUE_NAMES]))
         else:
-            parts.append(np.zeros(len(SCALARS) if b == "scalars" else dim))
+            parts.append(np.zeros(sizes[b]))
     return np.concatenate(parts)
 
 
@@ -165,7 +167,13 @@ class Choice:
         return KINDS[self.kind][0]
 
     def prior(self, dim: int) -> np.ndarray | None:
-        return prior_for(self.blocks, dim) if KINDS[self.kind][1] else None
+        return kind_prior(self.kind, dim)
+
+
+def kind_prior(kind: str, dim: int) -> np.ndarray | None:
+    """What a kind's penalty pulls its weights towards: the cue prior, or None (zeros)."""
+    blocks, centred = KINDS[kind]
+    return prior_for(blocks, dim) if centred else None
 
 
 def choose(x: np.ndarray, y: np.ndarray, families: Sequence[str], dim: int,
@@ -175,9 +183,8 @@ def choose(x: np.ndarray, y: np.ndarray, families: Sequence[str], dim: int,
     groups = family_folds(families)
     best: Choice | None = None
     for kind in kinds:
-        blocks, centred = KINDS[kind]
-        rows_ = select(x, blocks, dim)
-        prior = prior_for(blocks, dim) if centred else None
+        rows_ = select(x, KINDS[kind][0], dim)
+        prior = kind_prior(kind, dim)
         for l2 in L2_GRID:
             scores = out_of_group(rows_, y, groups, l2, prior)
             score = normalised_apgr(curve(list(scores), list(y == 0)))
@@ -198,8 +205,12 @@ def threshold_for(scores: np.ndarray, correct: np.ndarray,
     points = curve(list(scores), list(correct))
     share = share_for(points, quality)
     ranked = np.sort(scores)[::-1]
-    k = min(len(ranked) - 1, max(0, int(np.ceil(share * len(ranked))) - 1))
-    return float(ranked[k]) if len(ranked) else 0.5
+    return cut_for_share(ranked, share) if len(ranked) else 0.5
+
+
+def cut_for_share(ranked: np.ndarray, share: float) -> float:
+    """The score at or above which `share` of these (sorted, highest first) scores lie."""
+    return float(ranked[min(len(ranked) - 1, max(0, int(np.ceil(share * len(ranked))) - 1))])
 
 
 def train(records: Sequence[dict[str, Any]], embedder: Embedder,
@@ -243,13 +254,12 @@ def calibrate(scores: np.ndarray, held_out: list[tuple[float, float]],
     training tasks) above which that share lies, and the quality that share reached when
     every family was scored by a model fitted without it (`held_out`, the honest figure)."""
     ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    n = len(ranked)
     shares: list[float] = []
     thresholds: list[float] = []
     quality: list[float] = []
     for i in range(steps + 1):
         share = i / steps
-        cut = 1.0 if i == 0 else float(ranked[min(n - 1, max(0, int(np.ceil(share * n)) - 1))])
+        cut = 1.0 if i == 0 else cut_for_share(ranked, share)
         shares.append(share)
         thresholds.append(min(cut, thresholds[-1]) if thresholds else cut)
         quality.append(quality_at(held_out, share))

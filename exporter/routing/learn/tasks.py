@@ -483,7 +483,7 @@ def months(rng: random.Random, level: int) -> Made:
         k = rng.randint(3, 8)
         question, value = f"What month is it {k} months after {MONTHS[i]}?", MONTHS[(i + k) % 12]
     else:
-        j = (i + 1) % 12 if i < 11 else 0
+        j = (i + 1) % 12
         a, b = rng.randint(1, 28), rng.randint(1, 28)
         days = MONTH_DAYS[i] - a + b
         question = (f"How many days are there from {MONTHS[i]} {a} to {MONTHS[j]} {b} "
