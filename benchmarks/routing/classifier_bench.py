@@ -156,7 +156,12 @@ def latency(records: list[dict[str, Any]], rounds: int) -> dict[str, float]:
                 times.append(time.perf_counter() - start)
         return times
 
-    times = sorted(asyncio.run(run()))
+    return milliseconds(asyncio.run(run()))
+
+
+def milliseconds(seconds: list[float]) -> dict[str, float]:
+    """How many, p50, p99 and max, in milliseconds."""
+    times = sorted(seconds)
     return {"n": len(times), "p50_ms": 1e3 * times[len(times) // 2],
             "p99_ms": 1e3 * times[int(len(times) * 0.99)], "max_ms": 1e3 * times[-1]}
 
@@ -176,9 +181,7 @@ def embedding_latency(embedder: ServerEmbedder, bodies: list[dict[str, Any]],
         await embedder.close()
         return times
 
-    times = sorted(asyncio.run(run()))
-    return {"n": len(times), "p50_ms": 1e3 * times[len(times) // 2],
-            "p99_ms": 1e3 * times[int(len(times) * 0.99)], "max_ms": 1e3 * times[-1]}
+    return milliseconds(asyncio.run(run()))
 
 
 def auc(scores: np.ndarray, heavy: np.ndarray) -> float | None:
