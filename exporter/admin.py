@@ -34,11 +34,13 @@ def create_admin_app(registry: CollectorRegistry, live: LiveState,
         if draining():
             return web.json_response({"status": "not ready", "reason": "shutting down"},
                                      status=503)
-        if monitor.fresh():
-            return web.json_response({"status": "ready", "upstream": monitor.url})
-        return web.json_response(
-            {"status": "not ready", "reason": "the upstream did not answer its health probe"},
-            status=503)
+        if not monitor.fresh():
+            why = "the upstream did not answer its health probe"
+        elif not monitor.inventory_tried:
+            why = "llmtap has not read the upstream's model list yet"
+        else:
+            return web.json_response({"status": "ready", "upstream": monitor.shown_url})
+        return web.json_response({"status": "not ready", "reason": why}, status=503)
 
     async def state(request: web.Request) -> web.Response:
         snapshot: dict[str, Any] = {

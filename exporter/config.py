@@ -207,7 +207,8 @@ OPTIONS: tuple[Option, ...] = (
            "file of pins, one MODEL=DIGEST per line (# comments)", "FILE"),
     Option("enforce_pins", parse_bool, False,
            "refuse requests for a pinned model whose installed digest differs, with an error "
-           "in the client's dialect, instead of serving a different build", "true|false"),
+           "in the client's dialect, instead of serving a different build (until the first "
+           "model list is read, every request gets 503 with Retry-After: 1)", "true|false"),
     Option("gpu", choice(("off", "auto", "on")), "auto",
            "GPU metrics through NVML: auto samples when the NVIDIA driver loads, on also "
            "logs an error when it cannot, off never loads NVML", "off|auto|on"),

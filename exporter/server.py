@@ -59,7 +59,7 @@ class Sidecar:
             health_interval=settings.health_interval,
             inventory_interval=settings.inventory_interval,
             pinned=settings_pins(settings), enforce_pins=settings.enforce_pins)
-        self.pollers = PollSupervisor(settings.upstream, self.monitor.sources())
+        self.pollers = PollSupervisor(self.monitor.shown_url, self.monitor.sources())
         self.monitor.on_up = self.pollers.poke
         self.labels.on_unknown = lambda: self.pollers.poke("inventory")
         self.monitor.idle = lambda: self.live.totals()[0] == 0
@@ -87,7 +87,8 @@ class Sidecar:
         self.keys, on_rejected = api_keys(settings.api_key_file, "--api-key-file",
                                           self.registry)
         return Admission(settings.max_body_bytes, self.keys, on_rejected, self.monitor.refuses,
-                         self.live, settings.max_waiting_per_model)
+                         self.live, settings.max_waiting_per_model,
+                         pins_unchecked=self.monitor.pins_unchecked)
 
     def _observers(self, upstream: SingleUpstream) -> Observers:
         """In order: load tracking first (it completes a record's load time, which the live
@@ -127,7 +128,7 @@ class Sidecar:
         self.pollers.start()
         self._tasks = [asyncio.create_task(self.gpu.run(), name="gpu-sampler")]
         log.info("llmtap serving", proxy=str(self.proxy_address),
-                 admin=str(self.admin_address), upstream=self.settings.upstream,
+                 admin=str(self.admin_address), upstream=self.monitor.shown_url,
                  kind=self.monitor.kind)
 
     async def stop(self) -> None:

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from exporter.config import resolve
 from exporter.server import Sidecar
 from exporter.upstream import llamacpp, procfs, runners
+from exporter.upstream import ollama as ollama_poller
 from exporter.upstream.fetch import Fetcher
 from exporter.upstream.view import ServerQueue, UpstreamView
 from tests.helpers import LlamaServer, Llmtap, Metrics, Simulator, running
@@ -94,6 +95,78 @@ async def test_a_health_source_that_stops_leaves_readyz_not_ready() -> None:
             health.poll = hang
             assert await until(lambda: not sidecar.monitor.fresh(), within=10)
             assert await readyz(sidecar) == 503
+        finally:
+            await sidecar.stop()
+
+
+async def test_readiness_and_enforced_pins_wait_for_the_first_model_list(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the first health answer and the first model list every label is `other` and
+    no pin is checked: /readyz waits for the list, and with --enforce-pins requests get a
+    503 to retry (never an unchecked build). The list is held back by wrapping the real
+    Ollama-dialect poll of the simulator's /api/tags."""
+    listed = asyncio.Event()
+    real_inventory = ollama_poller.inventory
+
+    async def held_inventory(fetch: Fetcher) -> Any:
+        await listed.wait()
+        return await real_inventory(fetch)
+
+    monkeypatch.setattr(ollama_poller, "inventory", held_inventory)
+    with running(Simulator("--ttft", "0.01")) as sim:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(sim.url + "/api/tags") as resp:
+                tags = {m["name"]: m["digest"] for m in (await resp.json())["models"]}
+            settings = resolve({"upstream": sim.url, "listen": "127.0.0.1:0",
+                                "admin_listen": "127.0.0.1:0", "health_interval": "0.05",
+                                "pin": f"sim-small=sha256:{tags['sim-small:latest'][:16]}",
+                                "enforce_pins": "true"}, env={})
+            sidecar = Sidecar(settings)
+            starting = asyncio.create_task(sidecar.start())
+            try:
+                assert await until(lambda: sidecar.monitor.up and sidecar.proxy_address
+                                   and sidecar.admin_address)
+                assert sidecar.admin_address is not None and sidecar.proxy_address is not None
+                admin = f"http://127.0.0.1:{sidecar.admin_address.port}"
+                proxy = f"http://127.0.0.1:{sidecar.proxy_address.port}"
+                async with session.get(admin + "/readyz") as resp:
+                    assert resp.status == 503
+                    assert "model list" in (await resp.json())["reason"]
+                body = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}],
+                        "stream": False}
+                async with session.post(proxy + "/api/chat", json=body) as resp:
+                    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                    assert "not read the upstream's model list" in (await resp.json())["error"]
+                assert sim.stats()["completed"] == 0  # nothing unchecked reached it
+                listed.set()
+                await starting
+                assert await readyz(sidecar) == 200
+                async with session.post(proxy + "/api/chat", json=body) as resp:
+                    assert resp.status == 200  # the pin matches: served
+            finally:
+                listed.set()
+                await starting
+                await sidecar.stop()
+
+
+async def test_an_upstream_password_is_never_shown() -> None:
+    """Credentials in --upstream stay out of the logs, /readyz and the state."""
+    with running(Simulator("--ttft", "0.01")) as sim:
+        secret_url = sim.url.replace("://", "://user:s3cret-pw@")
+        settings = resolve({"upstream": secret_url, "listen": "127.0.0.1:0",
+                            "admin_listen": "127.0.0.1:0", "health_interval": "0.05"}, env={})
+        sidecar = Sidecar(settings)
+        with capture_logs() as logs:
+            await sidecar.start()
+        try:
+            assert sidecar.admin_address is not None
+            admin = f"http://127.0.0.1:{sidecar.admin_address.port}"
+            async with aiohttp.ClientSession() as session:
+                shown = [await (await session.get(admin + path)).text()
+                         for path in ("/readyz", "/llmtap/v1/state")]
+            assert sim.url in shown[0] and sim.url in shown[1]
+            assert any(line.get("upstream") == sim.url for line in logs)
+            assert "s3cret-pw" not in repr(logs) + "".join(shown)
         finally:
             await sidecar.stop()
 

@@ -34,6 +34,11 @@ NOT_ORIGIN_FORM = Refusal(400, "invalid_request", "llmtap takes origin-form requ
                           "(a path such as /api/chat), not absolute URLs: it is a reverse "
                           "proxy, not a forward one")
 FRAGMENT = Refusal(400, "invalid_request", "a request target has no #fragment")
+# Until the upstream's model list is read no name is known to be a pinned model (and none
+# is checked), so with --enforce-pins every request waits for it: a moment at start.
+PINS_UNCHECKED = Refusal(503, "model_pin_unchecked", "llmtap has not read the upstream's "
+                         "model list yet, so no pinned digest is checked (--enforce-pins); "
+                         "retry in a moment", retry_after=1)
 
 
 def target_refusal(target: bytes, path: str) -> Refusal | None:
@@ -59,6 +64,7 @@ class Admission:
     pin_refusal: Callable[[str], str | None] | None = None
     live: LiveState | None = None
     max_waiting_per_model: int = 0  # 0: no limit
+    pins_unchecked: Callable[[], bool] = lambda: False
 
     def key(self, fields: dict[bytes, bytes], headers: Headers
             ) -> tuple[Admitted | None, Refusal | None]:
@@ -89,6 +95,8 @@ class Admission:
 
     def model(self, label: str) -> Refusal | None:
         """After the request counts as started for `label` (so the count includes it)."""
+        if self.pins_unchecked():
+            return PINS_UNCHECKED
         if self.pin_refusal is not None and (why := self.pin_refusal(label)) is not None:
             return Refusal(409, "model_pin_mismatch", why)
         if self.max_waiting_per_model and self.live is not None:

@@ -46,16 +46,24 @@ class UpstreamMonitor:
         self.enforce_pins = enforce_pins
         self.mismatched: frozenset[str] = frozenset()  # pinned models not as pinned
         self.last_probe: float | None = None  # time.monotonic() of the last finished probe
+        # Whether an inventory poll has finished since start, answered or not: until then the
+        # model labels are all `other` and no pin has been checked, so /readyz waits for it.
+        self.inventory_tried = False
         self._health_interval = health_interval
         self._inventory_interval = inventory_interval
         self.on_up: Callable[[], None] | None = None  # told when the upstream comes up
         self.idle: Callable[[], bool] = lambda: False  # True: llmtap has nothing in flight
         self._fetch = Fetcher(url)
-        self.runners = RunnerSource(url, self._fetch, self.view)
+        self.runners = RunnerSource(_without_credentials(url), self._fetch, self.view)
         self.llamacpp_router = False  # llama-server in router mode (/props role "router")
         self._mode_known = False  # whether llamacpp_router was read since the upstream came up
         self.load_watch = llamacpp_router.LoadWatch(url, self.view)
         self._reported_up: bool | None = None  # what the log last said (None: nothing yet)
+
+    @property
+    def shown_url(self) -> str:
+        """The upstream URL as the admin port shows it: without user and password."""
+        return _without_credentials(self.url)
 
     @property
     def inventory(self) -> list[str] | None:
@@ -91,7 +99,7 @@ class UpstreamMonitor:
         if self.kind is None:
             self.kind = await self.detect()
             if self.kind is not None:
-                log.info("upstream detected", upstream=self.url, kind=self.kind,
+                log.info("upstream detected", upstream=self.shown_url, kind=self.kind,
                          version=self.version or None)
             return self.kind is not None
         answer = await self._fetch.get(HEALTH_PATH[self.kind])
@@ -151,9 +159,9 @@ class UpstreamMonitor:
         if up != self._reported_up:
             self._reported_up = up
             if up:
-                log.info("upstream up", upstream=self.url, kind=self.kind)
+                log.info("upstream up", upstream=self.shown_url, kind=self.kind)
             else:
-                log.warning("upstream down", upstream=self.url, kind=self.kind,
+                log.warning("upstream down", upstream=self.shown_url, kind=self.kind,
                             note="logged once until it is back")
         if came_up and self.on_up is not None:
             self.on_up()  # the other sources poll now, not at their next tick
@@ -164,6 +172,11 @@ class UpstreamMonitor:
         last = self.last_probe
         return self.up and last is not None and \
             time.monotonic() - last < 3 * self._health_interval + POLL_TIMEOUT_S
+
+    def pins_unchecked(self) -> bool:
+        """With --enforce-pins: no model list has been read yet, so no digest is known to
+        match its pin (a request must wait rather than be served an unchecked build)."""
+        return self.enforce_pins and bool(self.pins) and self.view.models is None
 
     def _poller(self) -> ModuleType | None:
         if not self.up or self.kind is None:
@@ -180,9 +193,12 @@ class UpstreamMonitor:
         poller = self._poller()
         if poller is None:
             return None
-        models = await poller.inventory(self._fetch)
-        if models is not None:
-            self.set_inventory(models)
+        try:
+            models = await poller.inventory(self._fetch)
+            if models is not None:
+                self.set_inventory(models)
+        finally:
+            self.inventory_tried = True
         return models is not None
 
     async def poll_loaded(self) -> bool | None:
@@ -241,7 +257,7 @@ class UpstreamMonitor:
         await self._fetch.close()
 
     def state(self) -> dict[str, Any]:
-        return {"url": _without_credentials(self.url), "kind": self.kind, "up": self.up,
+        return {"url": self.shown_url, "kind": self.kind, "up": self.up,
                 "version": self.version or None, **self.view.as_dict(),
                 "runners_unseen_because": self.runners.blind,
                 "pins_mismatched": sorted(self.mismatched)}
