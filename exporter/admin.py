@@ -24,21 +24,15 @@ from exporter.upstream.monitor import UpstreamMonitor
 
 def create_admin_app(registry: CollectorRegistry, live: LiveState,
                      monitor: UpstreamMonitor, gpu: GpuSampler,
-                     draining: Callable[[], bool] = lambda: False) -> web.Application:
+                     not_ready: Callable[[], str | None]) -> web.Application:
+    """`not_ready` says why /readyz must answer 503 (None: ready)."""
     started = time.time()
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        if draining():
-            return web.json_response({"status": "not ready", "reason": "shutting down"},
-                                     status=503)
-        if not monitor.fresh():
-            why = "the upstream did not answer its health probe"
-        elif not monitor.inventory_tried:
-            why = "llmtap has not read the upstream's model list yet"
-        else:
+        if (why := not_ready()) is None:
             return web.json_response({"status": "ready", "upstream": monitor.shown_url})
         return web.json_response({"status": "not ready", "reason": why}, status=503)
 

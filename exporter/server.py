@@ -117,7 +117,7 @@ class Sidecar:
         self.proxy_address = HostPort(listen.host, port)
         warn_if_open(self.keys, self.proxy_address, "the proxy port", "--api-key-file")
         self._admin = web.AppRunner(create_admin_app(self.registry, self.live, self.monitor,
-                                                     self.gpu, lambda: self.draining),
+                                                     self.gpu, self.not_ready),
                                     access_log=None)
         self.admin_address = await listen_app(self._admin, self.settings.admin_listen,
                                               " (--admin-listen)")
@@ -130,6 +130,19 @@ class Sidecar:
         log.info("llmtap serving", proxy=str(self.proxy_address),
                  admin=str(self.admin_address), upstream=self.monitor.shown_url,
                  kind=self.monitor.kind)
+
+    def not_ready(self) -> str | None:
+        """Why /readyz answers 503, None when ready. Ready means the upstream answers its
+        health probe and every poller has run since it came up: before that the model
+        labels are all `other`, no pin is checked and no cold load can be told."""
+        if self.draining:
+            return "shutting down"
+        if not self.monitor.fresh():
+            return "the upstream did not answer its health probe"
+        up_since = self.monitor.up_since
+        if up_since is None or not self.pollers.polled_since(up_since):
+            return "llmtap has not yet read the upstream's state (model list, loaded models)"
+        return None
 
     async def stop(self) -> None:
         """Drain: /readyz says not ready and the proxy stops accepting in the same step (no

@@ -1,5 +1,6 @@
 """Pollers that fail alone (the node_exporter shape): a source that raises is logged once and
-retried while the others go on; readiness follows the health source only; the runner source
+retried while the others go on; readiness follows the health source once every source has
+run; the runner source
 degrades cleanly when it cannot see Ollama's children; polling llama-server never keeps it
 awake."""
 
@@ -99,20 +100,22 @@ async def test_a_health_source_that_stops_leaves_readyz_not_ready() -> None:
             await sidecar.stop()
 
 
-async def test_readiness_and_enforced_pins_wait_for_the_first_model_list(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between the first health answer and the first model list every label is `other` and
-    no pin is checked: /readyz waits for the list, and with --enforce-pins requests get a
-    503 to retry (never an unchecked build). The list is held back by wrapping the real
-    Ollama-dialect poll of the simulator's /api/tags."""
+@pytest.mark.parametrize("held", ["inventory", "loaded"])
+async def test_readiness_waits_for_every_poller_and_enforced_pins_for_the_model_list(
+        monkeypatch: pytest.MonkeyPatch, held: str) -> None:
+    """Until every poller has run once since the upstream came up, /readyz is 503: before
+    the model list every label is `other` and no pin is checked, before /api/ps no cold load
+    can be told. With --enforce-pins, requests before the list get a 503 to retry (never an
+    unchecked build); once it is read they are served. One real Ollama-dialect poll of the
+    simulator (/api/tags or /api/ps) is held back by wrapping it."""
     listed = asyncio.Event()
-    real_inventory = ollama_poller.inventory
+    real_poll = getattr(ollama_poller, held)
 
-    async def held_inventory(fetch: Fetcher) -> Any:
+    async def held_poll(fetch: Fetcher) -> Any:
         await listed.wait()
-        return await real_inventory(fetch)
+        return await real_poll(fetch)
 
-    monkeypatch.setattr(ollama_poller, "inventory", held_inventory)
+    monkeypatch.setattr(ollama_poller, held, held_poll)
     with running(Simulator("--ttft", "0.01")) as sim:
         async with aiohttp.ClientSession() as session:
             async with session.get(sim.url + "/api/tags") as resp:
@@ -131,13 +134,17 @@ async def test_readiness_and_enforced_pins_wait_for_the_first_model_list(
                 proxy = f"http://127.0.0.1:{sidecar.proxy_address.port}"
                 async with session.get(admin + "/readyz") as resp:
                     assert resp.status == 503
-                    assert "model list" in (await resp.json())["reason"]
+                    assert "not yet read the upstream's state" in (await resp.json())["reason"]
                 body = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}],
                         "stream": False}
                 async with session.post(proxy + "/api/chat", json=body) as resp:
-                    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
-                    assert "not read the upstream's model list" in (await resp.json())["error"]
-                assert sim.stats()["completed"] == 0  # nothing unchecked reached it
+                    if held == "inventory":
+                        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                        assert "not read the upstream's model list" in \
+                            (await resp.json())["error"]
+                    else:
+                        assert resp.status == 200  # the pin was checked: it matches
+                assert sim.stats()["completed"] == (held != "inventory")
                 listed.set()
                 await starting
                 assert await readyz(sidecar) == 200

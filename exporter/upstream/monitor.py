@@ -46,9 +46,7 @@ class UpstreamMonitor:
         self.enforce_pins = enforce_pins
         self.mismatched: frozenset[str] = frozenset()  # pinned models not as pinned
         self.last_probe: float | None = None  # time.monotonic() of the last finished probe
-        # Whether an inventory poll has finished since start, answered or not: until then the
-        # model labels are all `other` and no pin has been checked, so /readyz waits for it.
-        self.inventory_tried = False
+        self.up_since: float | None = None  # time.monotonic() when it last came up
         self._health_interval = health_interval
         self._inventory_interval = inventory_interval
         self.on_up: Callable[[], None] | None = None  # told when the upstream comes up
@@ -153,6 +151,8 @@ class UpstreamMonitor:
     def _set_up(self, up: bool) -> None:
         self.last_probe = time.monotonic()
         came_up = up and not self.up
+        if came_up:
+            self.up_since = self.last_probe
         if not up:
             self._mode_known = False  # the server that comes back may run in another mode
         self.up = up
@@ -193,12 +193,9 @@ class UpstreamMonitor:
         poller = self._poller()
         if poller is None:
             return None
-        try:
-            models = await poller.inventory(self._fetch)
-            if models is not None:
-                self.set_inventory(models)
-        finally:
-            self.inventory_tried = True
+        models = await poller.inventory(self._fetch)
+        if models is not None:
+            self.set_inventory(models)
         return models is not None
 
     async def poll_loaded(self) -> bool | None:

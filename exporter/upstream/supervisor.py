@@ -38,6 +38,7 @@ class Source:
     duration: float | None = None  # seconds the last poll took
     problem: str | None = None  # what the log last said was wrong (None: nothing)
     last_started: float = 0.0
+    last_finished: float = 0.0  # time.monotonic() when a poll last ended, however it ended
     _poked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def poke(self) -> None:
@@ -92,6 +93,12 @@ class PollSupervisor:
         if gap > 0:
             await asyncio.sleep(gap)
 
+    def polled_since(self, moment: float) -> bool:
+        """Every source that polls at startup has finished a poll since `moment` (answered,
+        failed or found nothing to do): what llmtap knows is no older than that."""
+        return all(source.last_finished >= moment for source in self.sources.values()
+                   if source.at_startup)
+
     async def _poll(self, source: Source) -> None:
         source.last_started = started = time.monotonic()
         try:
@@ -103,6 +110,7 @@ class PollSupervisor:
         else:
             if outcome is not None:
                 self._report(source, None if outcome else "no usable answer")
+        source.last_finished = time.monotonic()
         if outcome is None:
             return
         source.success = outcome
