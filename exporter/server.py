@@ -86,9 +86,8 @@ class Sidecar:
         settings = self.settings
         self.keys, on_rejected = api_keys(settings.api_key_file, "--api-key-file",
                                           self.registry)
-        return Admission(settings.max_body_bytes, self.keys, on_rejected, self.monitor.refuses,
-                         self.live, settings.max_waiting_per_model,
-                         pins_unchecked=self.monitor.pins_unchecked)
+        return Admission(settings.max_body_bytes, self.keys, on_rejected, self.monitor,
+                         self.live, settings.max_waiting_per_model)
 
     def _observers(self, upstream: SingleUpstream) -> Observers:
         """In order: load tracking first (it completes a record's load time, which the live

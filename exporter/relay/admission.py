@@ -18,6 +18,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote
 
 from exporter.auth import KEY_HEADERS, Admitted, ApiKeys
@@ -55,16 +56,24 @@ def target_refusal(target: bytes, path: str) -> Refusal | None:
     return None
 
 
+class Pins(Protocol):
+    """The pinned digests as the upstream's model list shows them (--enforce-pins)."""
+
+    def pins_unchecked(self) -> bool:
+        """No model list read yet: no request can be known to be for an unpinned build."""
+
+    def refuses(self, label: str) -> str | None:
+        """Why this model must not be served (None: serve it)."""
+
+
 @dataclass
 class Admission:
     max_body_bytes: int = 64 << 20
     keys: ApiKeys | None = None
     on_rejected: Callable[[], None] | None = None  # counts refused keys
-    # With --enforce-pins: why a model must not be served (None: serve it).
-    pin_refusal: Callable[[str], str | None] | None = None
+    pins: Pins | None = None
     live: LiveState | None = None
     max_waiting_per_model: int = 0  # 0: no limit
-    pins_unchecked: Callable[[], bool] = lambda: False
 
     def key(self, fields: dict[bytes, bytes], headers: Headers
             ) -> tuple[Admitted | None, Refusal | None]:
@@ -95,10 +104,11 @@ class Admission:
 
     def model(self, label: str) -> Refusal | None:
         """After the request counts as started for `label` (so the count includes it)."""
-        if self.pins_unchecked():
-            return PINS_UNCHECKED
-        if self.pin_refusal is not None and (why := self.pin_refusal(label)) is not None:
-            return Refusal(409, "model_pin_mismatch", why)
+        if self.pins is not None:
+            if self.pins.pins_unchecked():
+                return PINS_UNCHECKED
+            if (why := self.pins.refuses(label)) is not None:
+                return Refusal(409, "model_pin_mismatch", why)
         if self.max_waiting_per_model and self.live is not None:
             waiting = self.live.models[label].waiting
             if waiting > self.max_waiting_per_model:

@@ -37,6 +37,7 @@ class UpstreamMonitor:
                  health_interval: float = 5.0, inventory_interval: float = 30.0,
                  pinned: dict[str, str] | None = None, enforce_pins: bool = False) -> None:
         self.url = url
+        self.shown_url = _without_credentials(url)  # as logs and the admin port show it
         self.kind: str | None = None if kind == "auto" else kind
         self.labels = labels
         self.up = False
@@ -52,16 +53,11 @@ class UpstreamMonitor:
         self.on_up: Callable[[], None] | None = None  # told when the upstream comes up
         self.idle: Callable[[], bool] = lambda: False  # True: llmtap has nothing in flight
         self._fetch = Fetcher(url)
-        self.runners = RunnerSource(_without_credentials(url), self._fetch, self.view)
+        self.runners = RunnerSource(self.shown_url, self._fetch, self.view)
         self.llamacpp_router = False  # llama-server in router mode (/props role "router")
         self._mode_known = False  # whether llamacpp_router was read since the upstream came up
         self.load_watch = llamacpp_router.LoadWatch(url, self.view)
         self._reported_up: bool | None = None  # what the log last said (None: nothing yet)
-
-    @property
-    def shown_url(self) -> str:
-        """The upstream URL as the admin port shows it: without user and password."""
-        return _without_credentials(self.url)
 
     @property
     def inventory(self) -> list[str] | None:
