@@ -58,10 +58,10 @@ return n
 # KEYS: the set of replicas. ARGV: the hashes' key prefix, this replica's id, the start
 # and the end of the fields wanted ('' for any; a model's start, a backend's end: its counts
 # only; JSON escapes the quotes inside a name, so neither can match across the two names).
-# Returns the other replicas'
-# counts summed per field, flat (summed here: one field per backend goes back, not one per
-# replica and backend, and parsing the answer is most of a read's cost); forgets replicas
-# whose hash is gone (expired, or empty: such a one adds itself back with its next write).
+# Returns the other replicas' counts summed per field, flat (summed here: one field per
+# backend goes back, not one per replica and backend, and parsing the answer is most of a
+# read's cost); forgets replicas whose hash is gone (expired, or empty: such a one adds
+# itself back with its next write).
 READ = """
 local sums, order = {}, {}
 local want, tail = ARGV[3], ARGV[4]

@@ -55,11 +55,9 @@ def add_commands(commands: Any) -> None:
     train.add_argument("--embeddings-url", default="", metavar="URL",
                        help="train on this embeddings endpoint's vectors and the scalars, "
                             "no cues (default: cues, scalars, the bundled WordLlama); best "
-                            "your own model's: "
-                            "a second llama-server of the same GGUF with --embeddings "
-                            "--pooling last "
-                            "(http://127.0.0.1:8090/v1/embeddings); the router then needs it "
-                            "as classifier.embeddings.url")
+                            "your own model's: a second llama-server of the same GGUF with "
+                            "--embeddings --pooling last (http://127.0.0.1:8090/v1/embeddings); "
+                            "the router then needs it as classifier.embeddings.url")
     train.add_argument("--embeddings-model", default="")
     train.add_argument("--dim", type=int, default=64, choices=(64, 128, 256),
                        help="WordLlama dimensions to use (default: %(default)s)")
